@@ -1,2 +1,31 @@
-"""tunefast: fused kernels for parameter-efficient fine-tuning (placeholder while the package is assembled)."""
+"""tunefast: fused Triton/CUDA kernels for parameter-efficient fine-tuning, patched into Hugging Face
+and PEFT models.
+
+    model = peft.get_peft_model(base, peft.LoraConfig(...))
+    report = tunefast.patch(model)   # same numbers, faster, less memory
+    print(report)                    # what was patched, with which kernel; what was skipped, and why
+    tunefast.unpatch(model)          # back to PEFT's own modules, bit for bit
+
+Layout: kernels/ (Triton, installed as tunefast.kernels) -> tunefast/ops (torch.library ops with fake,
+autograd and dispatch) -> tunefast/patching (one walk, handlers by module type); tunefast/reference
+holds the plain-PyTorch math every kernel is tested against; csrc/ the native C++/CUDA kernels.
+"""
+
+from .backend import BACKENDS, BackendUnavailableError
+from .ops.lora import lora_linear
+from .patching import get_report, patch, unpatch
+from .patching.report import PatchedEntry, PatchReport, SkippedEntry
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "PatchReport",
+    "PatchedEntry",
+    "SkippedEntry",
+    "get_report",
+    "lora_linear",
+    "patch",
+    "unpatch",
+]

@@ -1,0 +1,217 @@
+"""The fused LoRA linear op, registered with torch.library (fake + autograd), dispatching to Triton or
+the reference.
+
+    y = x W^T (+ b) + sum_i s_i * (drop_i(x) A_i^T) B_i^T
+
+Kept for backward: x (for dA), the (M, r_i) products xa_i (for dB) and one int64 seed per adapter.
+PEFT keeps, per adapter with dropout, a dropped copy of x plus its mask; here the mask is redrawn from
+the seed, so with dropout the bytes kept are x once plus M * sum(r_i) values, whatever p is.
+
+Two ops, as flash-attention does, so that ``torch.compile`` sees opaque forward and backward kernels:
+``tunefast::lora_linear_fwd`` and ``tunefast::lora_linear_bwd``. The public entry is
+:func:`lora_linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from ..reference import dropout as rd
+from ..reference import lora as ref
+from ._checks import check_lora_args
+
+_SEED_HIGH = 2**62  # seeds are non-negative int64 (see reference/dropout.py)
+
+
+def _x2d(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.library.custom_op("tunefast::lora_linear_fwd", mutates_args=())
+def _lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: list[Tensor],
+    lora_b: list[Tensor],
+    scalings: list[float],
+    dropout_p: list[float],
+    seeds: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, list[Tensor]]:
+    x2d = _x2d(x)
+    if _backend.resolve(backend, x.device) == "triton":
+        y2d, xas = _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
+    else:
+        y2d, xas = ref.forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
+    return y2d.view(*x.shape[:-1], weight.shape[0]), xas
+
+
+@_lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, backend):
+    m = x.numel() // x.shape[-1]
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, [x.new_empty((m, a.shape[0]), dtype=a.dtype) for a in lora_a]
+
+
+@torch.library.custom_op("tunefast::lora_linear_bwd", mutates_args=())
+def _lora_linear_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: list[Tensor],
+    lora_b: list[Tensor],
+    xas: list[Tensor],
+    scalings: list[float],
+    dropout_p: list[float],
+    seeds: Optional[Tensor],
+    needs: list[bool],
+    backend: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Returns (dx, [dA_i], [dB_i]); a gradient not asked for in ``needs`` = (dx, dA, dB) is empty."""
+    need_dx, need_da, need_db = needs
+    dy2d = _x2d(grad_y)
+    x2d = _x2d(x) if need_da else x  # without dA, x is an empty placeholder (it was not kept)
+    if _backend.resolve(backend, grad_y.device) == "triton":
+        dx, das, dbs = _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs)
+    else:
+        dx, das, dbs = ref.backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, *needs)
+    dx = dx.view(*grad_y.shape[:-1], weight.shape[1]) if need_dx else grad_y.new_empty(0)
+    return dx, das or [], dbs or []
+
+
+@_lora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs, backend):
+    need_dx, need_da, need_db = needs
+    dx = grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1])) if need_dx else grad_y.new_empty(0)
+    das = [torch.empty_like(a) for a in lora_a] if need_da else []
+    dbs = [torch.empty_like(b) for b in lora_b] if need_db else []
+    return dx, das, dbs
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, backend = inputs
+    _, xas = output
+    need_da = any(a.requires_grad for a in lora_a)
+    need_db = any(b.requires_grad for b in lora_b)
+    # Keep only what the math needs: x for dA, xa for dB, nothing of drop(x) or its mask.
+    ctx.save_for_backward(x if need_da else None, weight, *lora_a, *lora_b, *(xas if need_db else ()), seeds)
+    ctx.n = len(lora_a)
+    ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad)
+    ctx.static = (list(scalings), list(dropout_p), backend)
+
+
+def _backward(ctx, grad_y, _grad_xas):
+    saved = ctx.saved_tensors
+    n = ctx.n
+    x, weight = saved[0], saved[1]
+    lora_a, lora_b = list(saved[2 : 2 + n]), list(saved[2 + n : 2 + 2 * n])
+    need_da, need_db, need_dbias = ctx.flags
+    xas = list(saved[2 + 2 * n : -1]) if need_db else []
+    seeds = saved[-1]
+    scalings, dropout_p, backend = ctx.static
+    need_dx = ctx.needs_input_grad[0]
+    if x is None:  # dA not needed, so x was not kept
+        x = grad_y.new_empty(0)
+    dx, das, dbs = _lora_linear_bwd(
+        grad_y, x, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, [need_dx, need_da, need_db], backend
+    )
+    dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_dbias else None
+    # list inputs take list gradients of the same length (None for adapters without grad)
+    das = [g if a.requires_grad else None for g, a in zip(das, lora_a)] if need_da else [None] * n
+    dbs = [g if b.requires_grad else None for g, b in zip(dbs, lora_b)] if need_db else [None] * n
+    return (dx if need_dx else None), None, dbias, das, dbs, None, None, None, None
+
+
+torch.library.register_autograd("tunefast::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Sequence[Tensor],
+    lora_b: Sequence[Tensor],
+    scalings: Sequence[float],
+    dropout_p: Sequence[float] = (),
+    *,
+    training: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused LoRA linear layer: ``x W^T + b + sum_i s_i * (drop_i(x) A_i^T) B_i^T``.
+
+    Args:
+        x: (*, K) input, float32 / float16 / bfloat16.
+        weight: (N, K) frozen base weight, same dtype and device as ``x``. For a GPT-2 ``Conv1D``
+            base (weight stored (K, N)) pass ``weight.t()``: any strides work, nothing is copied.
+        bias: (N,) base bias or None. It may require grad (PEFT ``lora_bias`` folds s * b_B into it).
+        lora_a: adapters' down-projections, each (r_i, K); ranks may differ.
+        lora_b: adapters' up-projections, each (N, r_i); same dtype as the matching A (may differ
+            from x's dtype: PEFT keeps fp32 adapters on bf16 bases, and so is the math here).
+        scalings: s_i per adapter (alpha / r, or alpha / sqrt(r) with rsLoRA).
+        dropout_p: dropout probability per adapter on the adapter's input (default 0 for all).
+        training: when False dropout is off, as for ``nn.Dropout`` in eval mode.
+        backend: "auto", "triton" or "reference" (see tunefast.backend).
+
+    Returns:
+        (*, N) tensor of x's dtype. The base weight never receives a gradient.
+    """
+    n = len(lora_a)
+    dropout_p = list(dropout_p) if len(dropout_p) else [0.0] * n
+    check_lora_args(x, weight, bias, lora_a, lora_b, scalings, dropout_p, backend)
+    ps = [float(p) if training else 0.0 for p in dropout_p]
+    seeds = None
+    if any(p > 0.0 for p in ps):
+        # Drawn from torch's generator for x's device: torch.manual_seed reproduces the masks, and
+        # torch.utils.checkpoint's RNG-state replay redraws the same seeds on recompute.
+        seeds = torch.randint(0, _SEED_HIGH, (n,), device=x.device, dtype=torch.int64)
+    y, _ = _lora_linear_fwd(x, weight, bias, list(lora_a), list(lora_b), [float(s) for s in scalings], ps, seeds, backend)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton composition (kernels/lora.py): one fused launch per layer for the common single-adapter case.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _seed_slot(seeds, i):
+    return None if seeds is None else seeds[i : i + 1]
+
+
+def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds):
+    from ..kernels import lora as kl
+
+    xas = [
+        kl.dropout_matmul(
+            x2d, a.t(), a.dtype, rd.keep_scale(p), _seed_slot(seeds, i), rd.keep_threshold(p), drop="a"
+        )
+        for i, (a, p) in enumerate(zip(lora_a, dropout_p))
+    ]
+    y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
+    for i, (xa, b, s) in enumerate(zip(xas, lora_b, scalings)):
+        # Adapter 0 is fused with the base product; further adapters add onto y (rare: multi-adapter).
+        first = i == 0
+        kl.lora_linear(y, x2d, weight.t(), bias if first else None, xa, b.t(), s, has_main=first, accumulate=not first)
+    return y, xas
+
+
+def _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs):
+    from ..kernels import lora as kl
+
+    need_dx, need_da, need_db = needs
+    dx = torch.empty((dy2d.shape[0], weight.shape[1]), device=dy2d.device, dtype=dy2d.dtype) if need_dx else None
+    das, dbs = [], []
+    for i, (a, b, s, p) in enumerate(zip(lora_a, lora_b, scalings, dropout_p)):
+        seed, thr, keep_scale = _seed_slot(seeds, i), rd.keep_threshold(p), rd.keep_scale(p)
+        if need_db:
+            dbs.append(kl.dropout_matmul(dy2d.t(), xas[i], b.dtype, s))
+        dxa = kl.dropout_matmul(dy2d, b, a.dtype, s)
+        if need_da:
+            das.append(kl.dropout_matmul(dxa.t(), x2d, a.dtype, keep_scale, seed, thr, drop="b"))
+        if need_dx:
+            kl.lora_linear(dx, dy2d, weight, None, dxa, a, keep_scale, seed, thr, has_main=i == 0, accumulate=i > 0)
+    return dx, das, dbs

@@ -1,0 +1,91 @@
+"""``patch`` / ``unpatch``: one walk over the model, handlers by module type (see registry.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .. import backend as _backend
+from . import lora as _lora
+from .registry import Patch, handler_for, is_patched, swap_in, swap_out
+from .report import PatchedEntry, PatchReport, SkippedEntry
+
+_lora.register_handlers()
+
+_REPORT_ATTR = "_tunefast_report"
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "model must be a torch.nn.Module (a peft.PeftModel, or a transformers model with PEFT layers "
+            f"injected), got {type(model).__name__}"
+        )
+
+
+def _model_device(model: nn.Module):
+    for p in model.parameters():
+        return p.device
+    return None
+
+
+def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
+    """Route every supported PEFT layer of ``model`` through tunefast's fused kernels, in place.
+
+    Args:
+        model: a ``peft.PeftModel`` or any ``nn.Module`` containing PEFT tuner layers.
+        backend: "auto" (Triton on CUDA tensors, or on CPU under TRITON_INTERPRET=1; else the
+            plain-PyTorch reference), "triton" or "reference".
+
+    Returns:
+        A :class:`PatchReport` listing each patched module with its kernel and each skipped one with
+        the reason. Patching an already patched model with the same backend is a no-op that returns
+        the same report; :func:`unpatch` restores the original modules exactly.
+    """
+    _check_model(model)
+    _backend.check_backend_name(backend)
+    previous = model.__dict__.get(_REPORT_ATTR)  # not getattr: PeftModel forwards unknown attributes
+    if previous is not None:
+        if previous.backend != backend:
+            raise ValueError(
+                f"model is already patched with backend={previous.backend!r}; call tunefast.unpatch(model) "
+                f"before patching with backend={backend!r}"
+            )
+        return previous
+    device = _model_device(model)
+    if backend == "triton" and device is not None:
+        _backend.resolve("triton", device)  # raises BackendUnavailableError with the reason
+
+    report = PatchReport(backend=backend)
+    for name, module in model.named_modules():
+        handler = handler_for(module)
+        if handler is None:
+            continue
+        decision = handler.decide(module, backend)
+        if isinstance(decision, Patch):
+            swap_in(module, handler.forward, backend)
+            report.patched.append(PatchedEntry(name, decision.kernel, decision.detail))
+        else:
+            if decision.resumes and handler.forward is not None:
+                swap_in(module, handler.forward, backend)
+            report.skipped.append(SkippedEntry(name, decision.reason))
+    if not report.patched and not report.skipped:
+        warnings.warn("tunefast.patch found no PEFT layers in this model; nothing was changed", stacklevel=2)
+    model.__dict__[_REPORT_ATTR] = report
+    return report
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: every module gets its original class (and forward) back. Returns ``model``."""
+    _check_model(model)
+    for module in model.modules():
+        if is_patched(module):
+            swap_out(module)
+    model.__dict__.pop(_REPORT_ATTR, None)
+    return model
+
+
+def get_report(model: nn.Module) -> PatchReport | None:
+    """The report of the patch currently applied to ``model``, or None."""
+    return model.__dict__.get(_REPORT_ATTR)

@@ -1,0 +1,82 @@
+"""Handlers keyed by module type, and the class swap that patches a module reversibly.
+
+A handler decides, for one module, either to patch it (returning the kernel name) or to skip it
+(returning a reason). Patching swaps the module's class for a cached subclass whose ``forward`` is the
+handler's fast forward, so that ``unpatch`` restores the original class exactly, ``deepcopy`` and
+``state_dict`` see the same module, and ``isinstance`` checks (PEFT's own) still hold.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Patch:
+    kernel: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """``resumes``: the reason can clear at run time (e.g. unmerge), so the module still gets the
+    dispatching forward, which runs the original forward until then."""
+
+    reason: str
+    resumes: bool = False
+
+
+@dataclass(frozen=True)
+class Handler:
+    """``decide(module, backend) -> Patch | Skip``; ``forward`` replaces the module's forward."""
+
+    decide: Callable
+    forward: Callable | None
+
+
+_HANDLERS: dict[type, Handler] = {}
+_FAST_CLASSES: dict[tuple[type, Callable], type] = {}
+
+
+def register(module_type: type, decide: Callable, forward: Callable | None = None) -> None:
+    """Register the handler for ``module_type`` and its subclasses (the most specific type wins)."""
+    _HANDLERS[module_type] = Handler(decide, forward)
+
+
+def handler_for(module: nn.Module) -> Handler | None:
+    for cls in type(module).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    return None
+
+
+def original_class(module: nn.Module) -> type:
+    return getattr(type(module), "_tunefast_original_class", type(module))
+
+
+def is_patched(module: nn.Module) -> bool:
+    return "_tunefast_original_class" in type(module).__dict__
+
+
+def _fast_class(cls: type, forward: Callable) -> type:
+    key = (cls, forward)
+    if key not in _FAST_CLASSES:
+        name = f"Tunefast_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
+        fast = type(name, (cls,), {"forward": forward, "_tunefast_original_class": cls, "__module__": __name__})
+        setattr(sys.modules[__name__], name, fast)  # importable by name, so patched models pickle
+        _FAST_CLASSES[key] = fast
+    return _FAST_CLASSES[key]
+
+
+def swap_in(module: nn.Module, forward: Callable, backend: str) -> None:
+    module.__class__ = _fast_class(original_class(module), forward)
+    module._tunefast_backend = backend
+
+
+def swap_out(module: nn.Module) -> None:
+    module.__class__ = original_class(module)
+    module.__dict__.pop("_tunefast_backend", None)

@@ -1,0 +1,65 @@
+"""Plain-PyTorch math of the fused LoRA linear op: the CPU path and the test oracle.
+
+Shapes (M tokens = product of x's leading dims, K = in_features, N = out_features, r_i = ranks):
+  x2d (M, K), weight (N, K) (a transposed view for Conv1D bases), bias (N,) or None,
+  lora_a[i] (r_i, K), lora_b[i] (N, r_i), seeds (n_adapters,) int64 or None.
+
+Numerics follow PEFT's ``lora.Linear.forward``: the base product in the base dtype, each adapter in its
+own dtype (x is cast to it), the sum cast back to the base dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import dropout as rd
+
+
+def apply_dropout(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """x2d with the counter-based mask of ``seed`` applied (kept elements scaled by 1/(1-p))."""
+    if p == 0.0:
+        return x2d
+    from .. import _native
+
+    native_ok = _native.CPU_AVAILABLE if x2d.device.type == "cpu" else _native.cuda_usable()[0]
+    if native_ok:
+        return _native.dropout_apply(x2d, seed, p)  # same mask, one fused pass, OpenMP on CPU
+    return rd.dropout(x2d, seed, p)
+
+
+def forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds):
+    """Return (y2d (M, N), [xa_i (M, r_i)]): y = x W^T + b + sum_i s_i * (drop_i(x) A_i^T) B_i^T."""
+    y = F.linear(x2d, weight, bias)
+    out_dtype = y.dtype
+    xas = []
+    for i, (a, b, s, p) in enumerate(zip(lora_a, lora_b, scalings, dropout_p)):
+        xd = apply_dropout(x2d.to(a.dtype), _seed(seeds, i), p)
+        xa = xd @ a.t()
+        xas.append(xa)
+        if y.dtype == b.dtype:
+            y = torch.addmm(y, xa, b.t(), alpha=s)  # one pass over y instead of matmul, scale, add
+        else:
+            y = y + (xa @ b.t()) * s  # PEFT's promotion: base dtype + adapter dtype
+    return y.to(out_dtype), xas
+
+
+def backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, need_dx, need_da, need_db):
+    """Gradients (dx (M, K) or None, [dA_i (r_i, K)] or None, [dB_i (N, r_i)] or None)."""
+    dx = dy2d @ weight if need_dx else None
+    das, dbs = [], []
+    for i, (a, b, s, p) in enumerate(zip(lora_a, lora_b, scalings, dropout_p)):
+        seed = _seed(seeds, i)
+        dyl = dy2d.to(b.dtype)
+        if need_db:
+            dbs.append((dyl.t() @ xas[i]).mul_(s))
+        dxa = (dyl @ b).mul_(s)
+        if need_da:
+            das.append(dxa.t() @ apply_dropout(x2d.to(a.dtype), seed, p))
+        if need_dx:
+            dx.add_(apply_dropout(dxa @ a, seed, p))
+    return dx, (das if need_da else None), (dbs if need_db else None)
+
+
+def _seed(seeds, i) -> int:
+    return 0 if seeds is None else int(seeds[i])
