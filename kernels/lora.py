@@ -47,10 +47,12 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def _lora_linear_kernel(
-    # pointers: main operands, output, bias, low-rank operands, dropout seed (int64, device)
-    a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, u_ptr, seed_ptr,
-    # sizes: C is (M, N), main reduction K, low-rank reduction R
-    M, N, K, R,
+    # pointers: main operands, output, bias, low-rank operands, dropout seed (int64, device),
+    # per-column scale of (main + low-rank) before the bias (DoRA's magnitude / weight norm)
+    a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, u_ptr, seed_ptr, col_scale_ptr,
+    # sizes: C is (M, N), main reduction K, low-rank reduction R; x_row0: row of C's first row in the
+    # x whose dropout offsets apply (a row segment of a larger x, as in routed multi-adapter batches)
+    M, N, K, R, x_row0,
     # strides
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_lm, stride_lr, stride_ur, stride_un,
@@ -58,7 +60,7 @@ def _lora_linear_kernel(
     threshold, lr_scale, size_key,
     # meta-parameters
     HAS_MAIN: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr,
-    UPCAST_MAIN: tl.constexpr, UPCAST_LR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, UPCAST_MAIN: tl.constexpr, UPCAST_LR: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -104,9 +106,11 @@ def _lora_linear_kernel(
     lr = lr * lr_scale
     if DROPOUT:
         # C's (row, col) is x's (token, feature): the same offsets the forward drew with.
-        keep = philox_keep(tl.load(seed_ptr), rm64[:, None] * N + rn64[None, :], threshold)
+        keep = philox_keep(tl.load(seed_ptr), (x_row0 + rm64[:, None]) * N + rn64[None, :], threshold)
         lr = tl.where(keep, lr, 0.0)
     acc += lr
+    if HAS_COL_SCALE:
+        acc = acc * tl.load(col_scale_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -121,8 +125,9 @@ def _lora_linear_kernel(
 def _dropout_matmul_kernel(
     # pointers: operands, output (or split-K partials), dropout seed (int64, device)
     a_ptr, b_ptr, c_ptr, seed_ptr,
-    # sizes: C is (M, N), reduction K; x_cols is the feature count of the dropped x
-    M, N, K, x_cols,
+    # sizes: C is (M, N), reduction K; x_cols is the feature count of the dropped x, x_row0 the row
+    # of this x slice's first token in the x whose dropout offsets apply
+    M, N, K, x_cols, x_row0,
     # strides (stride_cs: between split-K partial outputs)
     stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     # dropout threshold (int64), output scale, K range of one split, autotune key
@@ -153,9 +158,9 @@ def _dropout_matmul_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
         if DROP_A:
-            a = tl.where(philox_keep(seed, rm64[:, None] * x_cols + kk[None, :], threshold), a, 0.0)
+            a = tl.where(philox_keep(seed, (x_row0 + rm64[:, None]) * x_cols + kk[None, :], threshold), a, 0.0)
         if DROP_B:
-            b = tl.where(philox_keep(seed, kk[:, None] * x_cols + rn64[None, :], threshold), b, 0.0)
+            b = tl.where(philox_keep(seed, (x_row0 + kk[:, None]) * x_cols + rn64[None, :], threshold), b, 0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -237,11 +242,13 @@ def _block_r(rank: int) -> int:
     return min(64, max(16, triton.next_power_of_2(rank)))
 
 
-def lora_linear(out, a, b, bias, l, u, lr_scale, seed=None, threshold=0, *, has_main=True, accumulate=False):
-    """out (M, N) [+]= a (M, K) @ b (K, N) + bias (N) + lr_scale * keep * (l (M, R) @ u (R, N)).
+def lora_linear(out, a, b, bias, l, u, lr_scale, seed=None, threshold=0, *, has_main=True, accumulate=False,
+                col_scale=None, x_row0=0):
+    """out (M, N) [+]= g * (a (M, K) @ b (K, N) + lr_scale * keep * (l (M, R) @ u (R, N))) + bias (N).
 
     ``seed`` (int64 tensor, 1 element, on out's device) with ``threshold`` > 0 applies the dropout
-    keep mask of an (M, N) x to the low-rank term. ``a``/``b`` are ignored when ``has_main`` is False.
+    keep mask of an (M, N) x (rows offset by ``x_row0``) to the low-rank term. ``col_scale`` g (N,)
+    defaults to 1. ``a``/``b`` are ignored when ``has_main`` is False; R may be 0.
     All tensors may be strided views; ``out`` is written in place and returned.
     """
     M, N = out.shape
@@ -252,13 +259,15 @@ def lora_linear(out, a, b, bias, l, u, lr_scale, seed=None, threshold=0, *, has_
     a_, b_ = (a, b) if has_main else (dummy, dummy)
     args = (
         a_, b_, out, bias if bias is not None else dummy, l, u, seed if dropout else dummy,
-        M, N, K, R,
+        col_scale if col_scale is not None else dummy,
+        M, N, K, R, int(x_row0),
         a_.stride(0), a_.stride(1), b_.stride(0), b_.stride(1), out.stride(0), out.stride(1),
         l.stride(0), l.stride(1), u.stride(0), u.stride(1),
         int(threshold), float(lr_scale), _size_key(M, N, K, R),
     )
     meta = dict(
         HAS_MAIN=has_main, HAS_BIAS=bias is not None, DROPOUT=dropout, ACCUMULATE=accumulate,
+        HAS_COL_SCALE=col_scale is not None,
         UPCAST_MAIN=_upcast(a_, b_) if has_main else False, UPCAST_LR=_upcast(l, u),
         PRECISION=_precision(out),
         BLOCK_R=_block_r(R),
@@ -280,12 +289,12 @@ def _split_k(M, N, K, on_gpu, split_k):
     return max(1, min(2 * sms // max(tiles, 1), K // 2048, 64))
 
 
-def dropout_matmul(a, b, out_dtype, scale=1.0, seed=None, threshold=0, *, drop=None, split_k=None):
+def dropout_matmul(a, b, out_dtype, scale=1.0, seed=None, threshold=0, *, drop=None, split_k=None, x_row0=0):
     """Return scale * op(a) (M, K) @ op(b) (K, N) as a new (M, N) tensor of ``out_dtype``.
 
     ``drop`` is None, "a" or "b": which operand is x (tokens, features) and gets the dropout keep
-    mask of ``seed``/``threshold``. Reductions may be split over K (deterministic: partials summed
-    in fp32 by torch, no atomics).
+    mask of ``seed``/``threshold``; its first token is row ``x_row0`` of the x the mask is drawn for.
+    Reductions may be split over K (deterministic: partials summed in fp32 by torch, no atomics).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -301,7 +310,7 @@ def dropout_matmul(a, b, out_dtype, scale=1.0, seed=None, threshold=0, *, drop=N
     x_cols = K if drop == "a" else N
     args = (
         a, b, out, seed if dropout else out,
-        M, N, K, x_cols,
+        M, N, K, x_cols, int(x_row0),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         int(threshold), float(scale), k_per_split, _size_key(M, N, K),
     )

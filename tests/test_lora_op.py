@@ -51,7 +51,7 @@ def _run_op(x, w, b, a, bb, scalings, ps, seeds, backend):
     x = x.detach().requires_grad_()
     a = [t.detach().requires_grad_() for t in a]
     bb = [t.detach().requires_grad_() for t in bb]
-    y, _ = oplora._lora_linear_fwd(x, w, b, a, bb, scalings, ps, seeds, backend)
+    y, _ = oplora._lora_linear_fwd(x, w, b, a, bb, scalings, ps, seeds, None, backend)
     return y, x, a, bb
 
 
@@ -137,7 +137,7 @@ def test_keep_rate(backend, p):
     x = torch.ones(m, k)
     eye = torch.eye(k)
     seeds = torch.tensor([987654321])
-    _, (xa,) = oplora._lora_linear_fwd(x, torch.zeros(4, k), None, [eye], [torch.zeros(4, k)], [1.0], [p], seeds, backend)
+    _, (xa,) = oplora._lora_linear_fwd(x, torch.zeros(4, k), None, [eye], [torch.zeros(4, k)], [1.0], [p], seeds, None, backend)
     kept = (xa != 0).double().mean().item()
     sigma = (p * (1 - p) / (m * k)) ** 0.5
     assert abs(kept - (1 - p)) < 4 * sigma
@@ -227,7 +227,7 @@ def test_opcheck():
     a[0].requires_grad_()
     bb[0].requires_grad_()
     torch.library.opcheck(
-        oplora._lora_linear_fwd, (x, w, b, a, bb, [0.5], [0.2], torch.tensor([7]), "reference")
+        oplora._lora_linear_fwd, (x, w, b, a, bb, [0.5], [0.2], torch.tensor([7]), None, "reference")
     )
 
 
@@ -243,3 +243,56 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
     compiled.sum().backward()
     assert a[0].grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,r", [(33, 47, 4), (64, 100, 256), (5, 16, 1)])
+def test_lowrank_row_norm(backend, n, k, r):
+    from tunefast.ops.dora import lowrank_row_norm
+
+    w, a, b = torch.randn(n, k), torch.randn(r, k), torch.randn(n, r)
+    want = torch.linalg.vector_norm(w.double() + 0.7 * b.double() @ a.double(), dim=1)
+    got = lowrank_row_norm(w, a, b, 0.7, backend)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got_t = lowrank_row_norm(w.t().contiguous().t(), a, b, 0.7, backend)  # strided (Conv1D) view
+    torch.testing.assert_close(got_t, got)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_against_oracle(backend, dtype):
+    """y = m / ||W + s B A||_row (detached) * (x W^T + s x A^T B^T) + b, PEFT DoRA's definition."""
+    x, w, b, a, bb = _make((3, 7), 40, 24, [8], dtype)
+    m = (torch.rand(24) + 0.5).to(dtype)
+    s = 0.75
+
+    def run(x, w, b, a, bb, m, oracle):
+        x, a0, b0, m = (t.detach().clone().requires_grad_() for t in (x, a[0], bb[0], m))
+        if oracle:
+            x64, a64, b64, m64 = (t.double() for t in (x, a0, b0, m))
+            norm = torch.linalg.vector_norm(w.double() + s * b64 @ a64, dim=1).detach()
+            y = (m64 / norm) * (x64 @ w.double().t() + s * (x64 @ a64.t()) @ b64.t()) + b.double()
+        else:
+            y = oplora.lora_linear(x, w, b, [a0], [b0], [s], magnitude=m, backend=backend)
+        return y, (x, a0, b0, m)
+
+    y, leaves = run(x, w, b, a, bb, m, False)
+    y_ref, ref_leaves = run(x, w, b, a, bb, m, True)
+    g = torch.randn(y.shape).to(dtype).double()
+    y.backward(g.to(y.dtype))
+    y_ref.backward(g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.double(), y_ref.detach(), **tol)
+    for got, want in zip(leaves, ref_leaves):
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.double() / scale, want.grad.double() / scale, **tol)
+
+
+def test_dora_bad_input():
+    x, w, b, a, bb = _make((4,), 8, 8, [2, 2], torch.float32)
+    with pytest.raises(ValueError, match="exactly one adapter"):
+        oplora.lora_linear(x, w, b, a, bb, [1.0, 1.0], magnitude=torch.ones(8))
+    with pytest.raises(ValueError, match="magnitude has 3"):
+        oplora.lora_linear(x, w, b, a[:1], bb[:1], [1.0], magnitude=torch.ones(3))
+    with pytest.raises(ValueError, match="dropout > 0"):
+        oplora.lora_linear(x, w, b, a[:1], bb[:1], [1.0], [0.1], magnitude=torch.ones(8))

@@ -108,12 +108,42 @@ def test_report_lists_skipped_layers_with_reasons():
     assert "patched" in text and "embed_tokens" in text and "lora_linear[" in text
 
 
-def test_dora_layers_are_skipped_and_keep_peft_behaviour():
-    model = M.peft_model("llama", ["q_proj", "v_proj"], use_dora=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family,targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])])
+def test_dora_parity_with_peft(family, targets, backend):
+    model = M.peft_model(family, targets, use_dora=True, bias="lora_only")
+    with torch.no_grad():  # a trained magnitude, not the norm it was initialised to
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()))
+    patched = M.clone(model)
+    report = tunefast.patch(patched, backend=backend)
+    assert report.patched and not report.skipped, str(report)
+    assert all(e.kernel == f"dora_linear[{backend}]" for e in report.patched)
+    assert_parity(model, patched, M.batch(family))
+
+
+def test_dora_with_dropout_trains_through_peft_and_evaluates_fused():
+    model = M.peft_model("llama", ["q_proj", "v_proj"], use_dora=True, dropout=0.1)
+    patched = M.clone(model)
+    report = tunefast.patch(patched)
+    assert all("lora_dropout > 0" in e.detail for e in report.patched)
+    inputs = M.batch("llama")
+    model.train(), patched.train()
+    torch.manual_seed(3)
+    want = model(**inputs).loss
+    torch.manual_seed(3)
+    assert torch.equal(patched(**inputs).loss, want)  # PEFT's forward, same RNG stream: bit-identical
+    model.eval(), patched.eval()
+    assert_parity(model, patched, inputs)
+
+
+def test_unsupported_variants_are_skipped_and_keep_peft_behaviour():
+    model = M.peft_model("llama", ["q_proj", "v_proj"], use_dora=True, adapters=("a", "b"))
     patched = M.clone(model)
     report = tunefast.patch(patched)
     assert not report.patched and len(report.skipped) == 4
-    assert all("DoraLinearVariant" in e.reason for e in report.skipped)
+    assert all("single adapter" in e.reason for e in report.skipped)
     assert_parity(model, patched, M.batch("llama"))
 
 

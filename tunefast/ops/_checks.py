@@ -76,3 +76,16 @@ def check_lora_args(x, weight, bias, lora_a, lora_b, scalings, dropout_p, backen
     for i, p in enumerate(dropout_p):
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"dropout_p[{i}] must be in [0, 1], got {p}")
+
+
+def check_dora_args(weight, lora_a, magnitude, dropout_p, training) -> None:
+    check_tensor(magnitude, "magnitude", ndim=1)
+    if magnitude.shape[0] != weight.shape[0]:
+        raise ValueError(f"magnitude has {magnitude.shape[0]} entries, expected out_features={weight.shape[0]}")
+    if len(lora_a) != 1:
+        raise ValueError(f"DoRA (magnitude=...) takes exactly one adapter, got {len(lora_a)}")
+    if training and float(dropout_p[0]) > 0.0:
+        raise ValueError(
+            "DoRA with dropout > 0 in training is not fused: PEFT then runs a second base product on the "
+            "dropped input; use dropout 0 (or eval mode), or PEFT's own layer"
+        )

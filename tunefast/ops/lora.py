@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import backend as _backend
 from ..reference import dropout as rd
 from ..reference import lora as ref
-from ._checks import check_lora_args
+from ._checks import check_dora_args, check_lora_args
 
 _SEED_HIGH = 2**62  # seeds are non-negative int64 (see reference/dropout.py)
 
@@ -41,18 +41,20 @@ def _lora_linear_fwd(
     scalings: list[float],
     dropout_p: list[float],
     seeds: Optional[Tensor],
+    col_scale: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
     x2d = _x2d(x)
+    args = (x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale)
     if _backend.resolve(backend, x.device) == "triton":
-        y2d, xas = _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
+        y2d, xas = _triton_forward(*args)
     else:
-        y2d, xas = ref.forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
+        y2d, xas = ref.forward(*args)
     return y2d.view(*x.shape[:-1], weight.shape[0]), xas
 
 
 @_lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, backend):
+def _(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale, backend):
     m = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     return y, [x.new_empty((m, a.shape[0]), dtype=a.dtype) for a in lora_a]
@@ -94,14 +96,19 @@ def _(grad_y, x, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, backend = inputs
-    _, xas = output
+    x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale, backend = inputs
+    y, xas = output
     need_da = any(a.requires_grad for a in lora_a)
     need_db = any(b.requires_grad for b in lora_b)
-    # Keep only what the math needs: x for dA, xa for dB, nothing of drop(x) or its mask.
-    ctx.save_for_backward(x if need_da else None, weight, *lora_a, *lora_b, *(xas if need_db else ()), seeds)
+    need_dg = col_scale is not None and col_scale.requires_grad
+    # Keep only what the math needs: x for dA, xa for dB, nothing of drop(x) or its mask. With a
+    # column scale g (DoRA): g, and y for g's gradient (y - b = g * z, so z is not kept separately).
+    ctx.save_for_backward(
+        x if need_da else None, weight, *lora_a, *lora_b, *(xas if need_db else ()), seeds,
+        col_scale, y if need_dg else None, bias if need_dg else None,
+    )
     ctx.n = len(lora_a)
-    ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad)
+    ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad, need_dg)
     ctx.static = (list(scalings), list(dropout_p), backend)
 
 
@@ -110,21 +117,27 @@ def _backward(ctx, grad_y, _grad_xas):
     n = ctx.n
     x, weight = saved[0], saved[1]
     lora_a, lora_b = list(saved[2 : 2 + n]), list(saved[2 + n : 2 + 2 * n])
-    need_da, need_db, need_dbias = ctx.flags
-    xas = list(saved[2 + 2 * n : -1]) if need_db else []
-    seeds = saved[-1]
+    need_da, need_db, need_dbias, need_dg = ctx.flags
+    xas = list(saved[2 + 2 * n : -4]) if need_db else []
+    seeds, col_scale, y, bias = saved[-4:]
     scalings, dropout_p, backend = ctx.static
     need_dx = ctx.needs_input_grad[0]
     if x is None:  # dA not needed, so x was not kept
         x = grad_y.new_empty(0)
+    dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_dbias else None
+    dg = None
+    if need_dg:  # y = g * z + b  =>  dL/dg = sum_t dy * z = sum_t dy * (y - b) / g
+        z_times_g = y.float() - (bias.float() if bias is not None else 0.0)
+        dg = ((grad_y.float() * z_times_g).reshape(-1, y.shape[-1]).sum(0) / col_scale.float()).to(col_scale.dtype)
+    if col_scale is not None:  # the rest is LoRA's backward for dz = dy * g
+        grad_y = (grad_y * col_scale).to(grad_y.dtype)
     dx, das, dbs = _lora_linear_bwd(
         grad_y, x, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, [need_dx, need_da, need_db], backend
     )
-    dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_dbias else None
     # list inputs take list gradients of the same length (None for adapters without grad)
     das = [g if a.requires_grad else None for g, a in zip(das, lora_a)] if need_da else [None] * n
     dbs = [g if b.requires_grad else None for g, b in zip(dbs, lora_b)] if need_db else [None] * n
-    return (dx if need_dx else None), None, dbias, das, dbs, None, None, None, None
+    return (dx if need_dx else None), None, dbias, das, dbs, None, None, None, dg, None
 
 
 torch.library.register_autograd("tunefast::lora_linear_fwd", _backward, setup_context=_setup_context)
@@ -139,6 +152,7 @@ def lora_linear(
     scalings: Sequence[float],
     dropout_p: Sequence[float] = (),
     *,
+    magnitude: Optional[Tensor] = None,
     training: bool = True,
     backend: str = "auto",
 ) -> Tensor:
@@ -154,6 +168,9 @@ def lora_linear(
             from x's dtype: PEFT keeps fp32 adapters on bf16 bases, and so is the math here).
         scalings: s_i per adapter (alpha / r, or alpha / sqrt(r) with rsLoRA).
         dropout_p: dropout probability per adapter on the adapter's input (default 0 for all).
+        magnitude: (N,) DoRA magnitude vector (one adapter only). The output becomes
+            ``m / ||W + s B A||_row * (x W^T + s (x A^T) B^T) + b`` with the norm detached (PEFT's DoRA),
+            computed by a fused low-rank row norm that never forms B A.
         training: when False dropout is off, as for ``nn.Dropout`` in eval mode.
         backend: "auto", "triton" or "reference" (see tunefast.backend).
 
@@ -163,14 +180,29 @@ def lora_linear(
     n = len(lora_a)
     dropout_p = list(dropout_p) if len(dropout_p) else [0.0] * n
     check_lora_args(x, weight, bias, lora_a, lora_b, scalings, dropout_p, backend)
+    col_scale = None
+    if magnitude is not None:
+        col_scale = magnitude / dora_weight_norm(weight, lora_a, lora_b, scalings, magnitude, dropout_p, training, backend)
     ps = [float(p) if training else 0.0 for p in dropout_p]
     seeds = None
     if any(p > 0.0 for p in ps):
         # Drawn from torch's generator for x's device: torch.manual_seed reproduces the masks, and
         # torch.utils.checkpoint's RNG-state replay redraws the same seeds on recompute.
         seeds = torch.randint(0, _SEED_HIGH, (n,), device=x.device, dtype=torch.int64)
-    y, _ = _lora_linear_fwd(x, weight, bias, list(lora_a), list(lora_b), [float(s) for s in scalings], ps, seeds, backend)
+    y, _ = _lora_linear_fwd(
+        x, weight, bias, list(lora_a), list(lora_b), [float(s) for s in scalings], ps, seeds, col_scale, backend
+    )
     return y
+
+
+def dora_weight_norm(weight, lora_a, lora_b, scalings, magnitude, dropout_p, training, backend) -> Tensor:
+    """DoRA's detached ||W + s B A||_row (N,) in the magnitude's dtype, via the fused low-rank row norm."""
+    from .dora import lowrank_row_norm
+
+    check_dora_args(weight, lora_a, magnitude, dropout_p, training)
+    with torch.no_grad():
+        norm = lowrank_row_norm(weight, lora_a[0].detach(), lora_b[0].detach(), float(scalings[0]), backend)
+    return norm.to(magnitude.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,7 +214,7 @@ def _seed_slot(seeds, i):
     return None if seeds is None else seeds[i : i + 1]
 
 
-def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds):
+def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale=None):
     from ..kernels import lora as kl
 
     xas = [
@@ -195,7 +227,8 @@ def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seed
     for i, (xa, b, s) in enumerate(zip(xas, lora_b, scalings)):
         # Adapter 0 is fused with the base product; further adapters add onto y (rare: multi-adapter).
         first = i == 0
-        kl.lora_linear(y, x2d, weight.t(), bias if first else None, xa, b.t(), s, has_main=first, accumulate=not first)
+        kl.lora_linear(y, x2d, weight.t(), bias if first else None, xa, b.t(), s, has_main=first, accumulate=not first,
+                       col_scale=col_scale)
     return y, xas
 
 

@@ -26,6 +26,9 @@ BASE_LAYOUTS: dict[type, bool] = {nn.Linear: False}
 if Conv1D is not None:
     BASE_LAYOUTS[Conv1D] = True
 
+# PEFT LoRA variants (peft.tuners.lora.variants class names) the fused op implements exactly.
+FUSED_VARIANTS = {"DoraLinearVariant"}
+
 
 def _transposed_storage(base: nn.Module) -> bool | None:
     for cls, transposed in BASE_LAYOUTS.items():
@@ -48,9 +51,12 @@ def decide(module, backend: str):
     if _transposed_storage(base) is None:
         return Skip(f"LoRA on a {type(base).__name__} base is not accelerated yet")
     variants = {a: type(v).__name__ for a, v in module.lora_variant.items() if a in module.lora_A}
-    if variants:
-        names = ", ".join(f"{a}: {v}" for a, v in sorted(variants.items()))
+    unsupported = {a: v for a, v in variants.items() if v not in FUSED_VARIANTS}
+    if unsupported:
+        names = ", ".join(f"{a}: {v}" for a, v in sorted(unsupported.items()))
         return Skip(f"LoRA variant not accelerated yet ({names}); PEFT's forward runs")
+    if variants and (len(module.lora_A) > 1 or any(module.lora_bias.get(a) for a in variants)):
+        return Skip("DoRA is fused for a single adapter without lora_bias; PEFT's forward runs")
     weight = base.weight
     if weight.is_meta:
         raise ValueError(
@@ -64,13 +70,16 @@ def decide(module, backend: str):
     bad_dropout = [a for a in module.lora_A if _dropout_p(module.lora_dropout[a]) is None]
     if bad_dropout:
         return Skip(f"custom lora_dropout module for adapter(s) {bad_dropout}")
-    kernel = f"lora_linear[{_backend.resolve(backend, weight.device)}]"
+    impl = _backend.resolve(backend, weight.device)
+    kernel = f"dora_linear[{impl}]" if variants else f"lora_linear[{impl}]"
     if module.merged:
         return Skip(f"adapters merged into the base weight; {kernel} resumes after unmerge", resumes=True)
     if module.disable_adapters:
         return Skip(f"adapters disabled; {kernel} resumes when enabled", resumes=True)
     active = [a for a in module.active_adapters if a in module.lora_A]
     detail = ", ".join(f"{a}: r={module.r[a]}" for a in active)
+    if variants and any(_dropout_p(module.lora_dropout[a]) for a in active if module.lora_dropout[a].training):
+        detail += "; PEFT's forward runs while training with lora_dropout > 0 (DoRA then needs a second base product)"
     return Patch(kernel, detail)
 
 
@@ -79,7 +88,8 @@ def _fast_path_args(self, x, args, kwargs):
     if args or kwargs or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
         return None
     active = [a for a in self.active_adapters if a in self.lora_A]
-    if not active or any(a in self.lora_variant for a in active):
+    dora = [a for a in active if a in self.lora_variant]
+    if not active or (dora and (len(active) > 1 or type(self.lora_variant[dora[0]]).__name__ not in FUSED_VARIANTS)):
         return None
     base = self.get_base_layer()
     transposed = _transposed_storage(base)
@@ -91,8 +101,9 @@ def _fast_path_args(self, x, args, kwargs):
     a_w = [self.lora_A[a].weight for a in active]
     b_w = [self.lora_B[a].weight for a in active]
     ps = [_dropout_p(self.lora_dropout[a]) for a in active]
-    if None in ps:
+    if None in ps or (dora and (ps[0] > 0.0 or self.lora_bias.get(dora[0]))):
         return None
+    magnitude = self.lora_magnitude_vector[dora[0]].weight if dora else None
     scalings = [float(self.scaling[a]) for a in active]
     for a, s in zip(active, scalings):  # PEFT lora_bias: s * b_B joins the base bias (one epilogue add)
         b_bias = self.lora_B[a].bias
@@ -105,11 +116,12 @@ def _fast_path_args(self, x, args, kwargs):
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         a_w, b_w = [t.to(dt) for t in a_w], [t.to(dt) for t in b_w]
+        magnitude = magnitude.to(dt) if magnitude is not None else None
     elif x.dtype != weight.dtype or x.dtype not in SUPPORTED_DTYPES:
         return None
     elif not getattr(self, "cast_input_dtype_enabled", True) and any(t.dtype != x.dtype for t in a_w):
         return None
-    return x, weight, bias, a_w, b_w, scalings, ps
+    return x, weight, bias, a_w, b_w, scalings, ps, magnitude
 
 
 def fused_forward(self, x, *args, **kwargs):
@@ -117,9 +129,9 @@ def fused_forward(self, x, *args, **kwargs):
     fast = _fast_path_args(self, x, args, kwargs)
     if fast is None:
         return self._tunefast_original_class.forward(self, x, *args, **kwargs)
-    x, weight, bias, a_w, b_w, scalings, ps = fast
+    x, weight, bias, a_w, b_w, scalings, ps, magnitude = fast
     with torch.autocast(x.device.type, enabled=False):
-        return lora_linear(x, weight, bias, a_w, b_w, scalings, ps, backend=self._tunefast_backend)
+        return lora_linear(x, weight, bias, a_w, b_w, scalings, ps, magnitude=magnitude, backend=self._tunefast_backend)
 
 
 def _skip_other_lora_layer(module, backend):

@@ -28,9 +28,12 @@ def apply_dropout(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     return rd.dropout(x2d, seed, p)
 
 
-def forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds):
-    """Return (y2d (M, N), [xa_i (M, r_i)]): y = x W^T + b + sum_i s_i * (drop_i(x) A_i^T) B_i^T."""
-    y = F.linear(x2d, weight, bias)
+def forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale=None):
+    """Return (y2d (M, N), [xa_i (M, r_i)]): y = g * (x W^T + sum_i s_i * (drop_i(x) A_i^T) B_i^T) + b.
+
+    ``col_scale`` g (N,) is DoRA's magnitude / weight norm (None: 1).
+    """
+    y = F.linear(x2d, weight, bias if col_scale is None else None)
     out_dtype = y.dtype
     xas = []
     for i, (a, b, s, p) in enumerate(zip(lora_a, lora_b, scalings, dropout_p)):
@@ -41,6 +44,9 @@ def forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds):
             y = torch.addmm(y, xa, b.t(), alpha=s)  # one pass over y instead of matmul, scale, add
         else:
             y = y + (xa @ b.t()) * s  # PEFT's promotion: base dtype + adapter dtype
+    if col_scale is not None:
+        y = y * col_scale
+        y = y + bias if bias is not None else y
     return y.to(out_dtype), xas
 
 
