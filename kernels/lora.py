@@ -252,6 +252,8 @@ def lora_linear(out, a, b, bias, l, u, lr_scale, seed=None, threshold=0, *, has_
     All tensors may be strided views; ``out`` is written in place and returned.
     """
     M, N = out.shape
+    if M == 0 or N == 0:
+        return out
     R = l.shape[1]
     K = a.shape[1] if has_main else 0
     dropout = seed is not None and threshold > 0
@@ -298,6 +300,8 @@ def dropout_matmul(a, b, out_dtype, scale=1.0, seed=None, threshold=0, *, drop=N
     """
     M, K = a.shape
     N = b.shape[1]
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros((M, N), device=a.device, dtype=out_dtype)
     on_gpu = a.is_cuda
     dropout = drop is not None and seed is not None and threshold > 0
     splits = _split_k(M, N, K, on_gpu, split_k)

@@ -13,8 +13,10 @@ holds the plain-PyTorch math every kernel is tested against; csrc/ the native C+
 
 from .backend import BACKENDS, BackendUnavailableError
 from .ops.lora import lora_linear
+from .ops.routed_lora import routed_lora_linear
 from .patching import get_report, patch, unpatch
 from .patching.report import PatchedEntry, PatchReport, SkippedEntry
+from .routing import route
 
 __version__ = "0.1.0"
 
@@ -27,5 +29,7 @@ __all__ = [
     "get_report",
     "lora_linear",
     "patch",
+    "route",
+    "routed_lora_linear",
     "unpatch",
 ]

@@ -12,6 +12,8 @@ from torch import nn
 
 from .. import backend as _backend
 from ..ops.lora import lora_linear
+from ..ops.routed_lora import routed_lora_linear
+from ..routing import current_routing
 from ..ops._checks import SUPPORTED_DTYPES
 from .registry import Patch, Skip, register
 
@@ -83,55 +85,105 @@ def decide(module, backend: str):
     return Patch(kernel, detail)
 
 
-def _fast_path_args(self, x, args, kwargs):
-    """The fused op's arguments, or None where PEFT's forward must run to keep its exact behaviour."""
-    if args or kwargs or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
+def _base(self):
+    """(weight (N, K) view, bias) of the frozen base layer, or None if PEFT's forward must run."""
+    base = self.get_base_layer()
+    transposed = _transposed_storage(base)
+    weight = base.weight
+    if transposed is None or (weight.requires_grad and torch.is_grad_enabled()):
         return None
+    return (weight.t() if transposed else weight), getattr(base, "bias", None)
+
+
+def _adapters(self, names):
+    """(A list, B list, scalings, dropout ps) of adapters ``names``, or None for custom dropouts."""
+    ps = [_dropout_p(self.lora_dropout[a]) for a in names]
+    if None in ps:
+        return None
+    return ([self.lora_A[a].weight for a in names], [self.lora_B[a].weight for a in names],
+            [float(self.scaling[a]) for a in names], ps)
+
+
+def _cast(x, weight, bias, tensors):
+    """Autocast's dtype for everything when autocast is on (what it does to PEFT's F.linear calls);
+    None when x's dtype does not match the base weight (PEFT's own forward then decides)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dt = torch.get_autocast_dtype(device)
+        cast = lambda t: t.to(dt) if t is not None else None  # noqa: E731
+        return cast(x), cast(weight), cast(bias), [cast(t) for t in tensors]
+    if x.dtype != weight.dtype or x.dtype not in SUPPORTED_DTYPES:
+        return None
+    return x, weight, bias, tensors
+
+
+def _fused_call(self, x):
+    """Output of the fused op for the active adapters, or None where PEFT's forward must run."""
     active = [a for a in self.active_adapters if a in self.lora_A]
     dora = [a for a in active if a in self.lora_variant]
     if not active or (dora and (len(active) > 1 or type(self.lora_variant[dora[0]]).__name__ not in FUSED_VARIANTS)):
         return None
-    base = self.get_base_layer()
-    transposed = _transposed_storage(base)
-    weight, bias = base.weight, getattr(base, "bias", None)
-    if transposed is None or (weight.requires_grad and torch.is_grad_enabled()):
+    base, adapters = _base(self), _adapters(self, active)
+    if base is None or adapters is None:
         return None
-    if transposed:
-        weight = weight.t()
-    a_w = [self.lora_A[a].weight for a in active]
-    b_w = [self.lora_B[a].weight for a in active]
-    ps = [_dropout_p(self.lora_dropout[a]) for a in active]
-    if None in ps or (dora and (ps[0] > 0.0 or self.lora_bias.get(dora[0]))):
+    (weight, bias), (a_w, b_w, scalings, ps) = base, adapters
+    if dora and (ps[0] > 0.0 or self.lora_bias.get(dora[0])):
         return None
     magnitude = self.lora_magnitude_vector[dora[0]].weight if dora else None
-    scalings = [float(self.scaling[a]) for a in active]
     for a, s in zip(active, scalings):  # PEFT lora_bias: s * b_B joins the base bias (one epilogue add)
         b_bias = self.lora_B[a].bias
         if b_bias is not None:
             bias = b_bias * s if bias is None else bias + b_bias * s
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        # Do what autocast does to PEFT's F.linear calls: compute in the autocast dtype.
-        dt = torch.get_autocast_dtype(device)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-        a_w, b_w = [t.to(dt) for t in a_w], [t.to(dt) for t in b_w]
-        magnitude = magnitude.to(dt) if magnitude is not None else None
-    elif x.dtype != weight.dtype or x.dtype not in SUPPORTED_DTYPES:
+    cast = _cast(x, weight, bias, [*a_w, *b_w, *([magnitude] if dora else [])])
+    if cast is None:
         return None
-    elif not getattr(self, "cast_input_dtype_enabled", True) and any(t.dtype != x.dtype for t in a_w):
+    x, weight, bias, rest = cast
+    n = len(active)
+    a_w, b_w, magnitude = rest[:n], rest[n : 2 * n], (rest[2 * n] if dora else None)
+    if not getattr(self, "cast_input_dtype_enabled", True) and any(t.dtype != x.dtype for t in a_w):
         return None
-    return x, weight, bias, a_w, b_w, scalings, ps, magnitude
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_linear(x, weight, bias, a_w, b_w, scalings, ps, magnitude=magnitude, backend=self._tunefast_backend)
+
+
+def _routed_call(self, x, names, adapter_ids):
+    """Output of the routed op: adapter ``names[adapter_ids[t]]`` on token t (-1 or a name this layer
+    lacks: the base model), or None where PEFT's forward must run."""
+    present = [n for n in dict.fromkeys(names) if n in self.lora_A]
+    if not present or any(n in self.lora_variant or self.lora_bias.get(n) for n in present):
+        return None
+    base, adapters = _base(self), _adapters(self, present)
+    if base is None or adapters is None:
+        return None
+    (weight, bias), (a_w, b_w, scalings, ps) = base, adapters
+    cast = _cast(x, weight, bias, [*a_w, *b_w])
+    if cast is None or len({t.dtype for t in a_w}) > 1:
+        return None
+    x, weight, bias, rest = cast
+    remap = torch.tensor([present.index(n) if n in present else -1 for n in names], device=adapter_ids.device)
+    ids = torch.where(adapter_ids >= 0, remap[adapter_ids.clamp(min=0)], -1)
+    with torch.autocast(x.device.type, enabled=False):
+        return routed_lora_linear(x, weight, bias, rest[: len(present)], rest[len(present) :], scalings, ids, ps,
+                                  backend=self._tunefast_backend)
 
 
 def fused_forward(self, x, *args, **kwargs):
-    """Forward of a patched ``peft.tuners.lora.Linear``: the fused op, or PEFT's forward (see report)."""
-    fast = _fast_path_args(self, x, args, kwargs)
-    if fast is None:
+    """Forward of a patched ``peft.tuners.lora.Linear``: the fused op, the routed op for mixed-adapter
+    batches (PEFT's ``adapter_names=`` or :func:`tunefast.route`), or PEFT's forward (see report)."""
+    out = None
+    if isinstance(x, torch.Tensor) and not args and not (self.disable_adapters or self.merged):
+        names = kwargs.get("adapter_names")
+        if names is not None and set(kwargs) == {"adapter_names"}:
+            self._check_forward_args(x, adapter_names=names)  # PEFT's own errors for bad names
+            table = list(dict.fromkeys(names))
+            ids = torch.tensor([table.index(n) if n != "__base__" else -1 for n in names], device=x.device)
+            out = _routed_call(self, x, table, ids)
+        elif not kwargs:
+            routing = current_routing()
+            out = _fused_call(self, x) if routing is None else _routed_call(self, x, *routing)
+    if out is None:
         return self._tunefast_original_class.forward(self, x, *args, **kwargs)
-    x, weight, bias, a_w, b_w, scalings, ps, magnitude = fast
-    with torch.autocast(x.device.type, enabled=False):
-        return lora_linear(x, weight, bias, a_w, b_w, scalings, ps, magnitude=magnitude, backend=self._tunefast_backend)
+    return out
 
 
 def _skip_other_lora_layer(module, backend):

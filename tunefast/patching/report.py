@@ -25,7 +25,7 @@ class SkippedEntry:
 # Call-time conditions under which a patched layer runs the original (PEFT) forward, unchanged.
 RUNTIME_FALLBACKS = (
     "adapters merged into the base weight, or disabled (model.disable_adapter())",
-    "mixed-adapter batches (forward(..., adapter_names=[...]))",
+    "mixed-adapter batches whose adapters use DoRA or lora_bias (others take the routed op)",
     "a trainable base weight, or an input dtype PEFT itself would cast (x dtype != base weight dtype)",
 )
 

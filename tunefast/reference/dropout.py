@@ -87,9 +87,12 @@ def keep_mask(seed: int, rows: int, cols: int, p: float, device=None, row_start:
     return philox_draw(seed, r[:, None] * cols + c[None, :]) >= thr
 
 
-def dropout(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``x2d`` (M, K) with the counter-based mask applied and kept elements scaled by 1/(1-p)."""
+def dropout(x2d: torch.Tensor, seed: int, p: float, row_start: int = 0) -> torch.Tensor:
+    """``x2d`` (M, K) with the counter-based mask applied and kept elements scaled by 1/(1-p).
+
+    ``row_start``: x2d's first row is row ``row_start`` of the matrix the mask is drawn for.
+    """
     if p == 0.0:
         return x2d
-    m = keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
+    m = keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device, row_start=row_start)
     return x2d * m.to(x2d.dtype) * keep_scale(p)

@@ -16,16 +16,20 @@ import torch.nn.functional as F
 from . import dropout as rd
 
 
-def apply_dropout(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """x2d with the counter-based mask of ``seed`` applied (kept elements scaled by 1/(1-p))."""
-    if p == 0.0:
+def apply_dropout(x2d: torch.Tensor, seed: int, p: float, row_start: int = 0) -> torch.Tensor:
+    """x2d with the counter-based mask of ``seed`` applied (kept elements scaled by 1/(1-p)); its
+    first row is row ``row_start`` of the matrix the mask is drawn for."""
+    if p == 0.0 or x2d.numel() == 0:
         return x2d
     from .. import _native
 
     native_ok = _native.CPU_AVAILABLE if x2d.device.type == "cpu" else _native.cuda_usable()[0]
-    if native_ok:
+    if native_ok and row_start == 0:
         return _native.dropout_apply(x2d, seed, p)  # same mask, one fused pass, OpenMP on CPU
-    return rd.dropout(x2d, seed, p)
+    if native_ok:
+        mask = _native.keep_mask(seed, x2d.shape[0], x2d.shape[1], p, row_start, device=x2d.device)
+        return x2d * mask.to(x2d.dtype) * rd.keep_scale(p)
+    return rd.dropout(x2d, seed, p, row_start)
 
 
 def forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale=None):
