@@ -1,0 +1,143 @@
+// CPU (OpenMP) dropout kernels: the fast CPU path of the reference op.
+//
+// Results equal PyTorch's CPU `x * mask * scale` (and `dst + that`) bit for bit: PyTorch computes
+// every elementwise op on fp16/bf16 in fp32 with the Python scalar rounded to fp32 and rounds the
+// result once per op, so we do the same. Built with -ffp-contract=off: an FMA fused from
+// `dst + x * scale` would round once instead of twice and break that equality.
+#include "dropout.h"
+#include "philox.h"
+
+#include <cstring>
+
+namespace tunefast {
+namespace {
+
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, sizeof u); return u; }
+
+struct Float32 {
+    using T = float;
+    static float load(T v) { return v; }
+    static T store(float v) { return v; }
+};
+
+struct BFloat16 {
+    using T = uint16_t;
+    static float load(T v) { return bits_to_float(uint32_t(v) << 16); }
+    static T store(float v) {  // round to nearest even, as c10::BFloat16
+        const uint32_t u = float_to_bits(v);
+        if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
+        return T((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+};
+
+// IEEE half conversions from the FP16 library (Maratyszcza, MIT), the code c10::Half uses on CPU.
+struct Float16 {
+    using T = uint16_t;
+    static float load(T h) {
+        const uint32_t w = uint32_t(h) << 16;
+        const uint32_t sign = w & 0x80000000u;
+        const uint32_t two_w = w + w;
+        const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+        const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+        return bits_to_float(sign | (two_w < (1u << 27) ? float_to_bits(denormalized)
+                                                          : float_to_bits(normalized)));
+    }
+    static T store(float f) {  // round to nearest even; overflow -> inf, NaN -> 0x7E00
+        float base = (f < 0 ? -f : f) * 0x1.0p+112f * 0x1.0p-110f;
+        const uint32_t w = float_to_bits(f);
+        const uint32_t shl1_w = w + w;
+        const uint32_t sign = w & 0x80000000u;
+        uint32_t bias = shl1_w & 0xFF000000u;
+        if (bias < 0x71000000u) bias = 0x71000000u;
+        base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+        const uint32_t bits = float_to_bits(base);
+        const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+        return T((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+    }
+};
+
+// Measured on a 2-core x86 box: ~5 ns per element on one thread, and two threads already win at
+// 1k elements. Waking a large team costs several microseconds, so start at 4096 (~20 us of work).
+constexpr int64_t kParallelMinElements = 4096;
+
+// Over elements, not rows: a (1, 1M) matrix parallelises as well as a (1M, 1) one. Each thread
+// takes one contiguous range (schedule static), so the output writes stay sequential.
+template <typename Fn>
+void parallel_for(int64_t n, Fn&& fn) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMinElements)
+    for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+template <typename D>
+void apply_impl(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n, uint64_t first_offset, uint64_t seed,
+                uint64_t threshold, float scale) {
+    const auto* in = reinterpret_cast<const typename D::T*>(in_ptr);
+    auto* out = reinterpret_cast<typename D::T*>(out_ptr);
+    parallel_for(n, [&](int64_t i) {
+        const float keep = philox_keep(seed, first_offset + i, threshold) ? 1.0f : 0.0f;
+        // x * keep first, as the reference: a dropped inf/NaN gives NaN, a dropped -x gives -0.
+        out[i] = D::store(D::load(in[i]) * keep * scale);
+    });
+}
+
+template <typename D>
+void add_impl(uintptr_t dst_ptr, uintptr_t src_ptr, int64_t n, uint64_t first_offset, uint64_t seed,
+              uint64_t threshold, float scale) {
+    auto* dst = reinterpret_cast<typename D::T*>(dst_ptr);
+    const auto* src = reinterpret_cast<const typename D::T*>(src_ptr);
+    parallel_for(n, [&](int64_t i) {
+        const float keep = philox_keep(seed, first_offset + i, threshold) ? 1.0f : 0.0f;
+        // Rounded to the storage dtype before the add, as `dst + dropout(src)` does.
+        const float dropped = D::load(D::store(D::load(src[i]) * keep * scale));
+        dst[i] = D::store(D::load(dst[i]) + dropped);
+    });
+}
+
+}  // namespace
+
+namespace cpu {
+
+void keep_mask(uintptr_t out, int64_t rows, int64_t cols, int64_t row_start, uint64_t seed,
+               uint64_t threshold) {
+    check_problem("keep_mask", rows, cols, row_start, threshold);
+    check_ptr("keep_mask", out, "out", rows, cols);
+    auto* mask = reinterpret_cast<uint8_t*>(out);
+    const uint64_t first_offset = uint64_t(row_start) * uint64_t(cols);
+    parallel_for(rows * cols, [&](int64_t i) { mask[i] = philox_keep(seed, first_offset + i, threshold); });
+}
+
+void dropout_apply(uintptr_t in, uintptr_t out, int64_t rows, int64_t cols, int dtype_code,
+                   uint64_t seed, uint64_t threshold, double scale, int64_t row_start) {
+    check_problem("dropout_apply", rows, cols, row_start, threshold);
+    check_ptr("dropout_apply", in, "in", rows, cols);
+    check_ptr("dropout_apply", out, "out", rows, cols);
+    const DType dtype = check_dtype("dropout_apply", dtype_code);
+    const float s = static_cast<float>(scale);  // torch rounds a Python scalar to fp32 too
+    const int64_t n = rows * cols;
+    const uint64_t first = uint64_t(row_start) * uint64_t(cols);
+    switch (dtype) {
+        case DType::Float32: return apply_impl<Float32>(in, out, n, first, seed, threshold, s);
+        case DType::Float16: return apply_impl<Float16>(in, out, n, first, seed, threshold, s);
+        case DType::BFloat16: return apply_impl<BFloat16>(in, out, n, first, seed, threshold, s);
+    }
+}
+
+void dropout_add(uintptr_t dst, uintptr_t src, int64_t rows, int64_t cols, int dtype_code,
+                 uint64_t seed, uint64_t threshold, double scale, int64_t row_start) {
+    check_problem("dropout_add", rows, cols, row_start, threshold);
+    check_ptr("dropout_add", dst, "dst", rows, cols);
+    check_ptr("dropout_add", src, "src", rows, cols);
+    const DType dtype = check_dtype("dropout_add", dtype_code);
+    const float s = static_cast<float>(scale);
+    const int64_t n = rows * cols;
+    const uint64_t first = uint64_t(row_start) * uint64_t(cols);
+    switch (dtype) {
+        case DType::Float32: return add_impl<Float32>(dst, src, n, first, seed, threshold, s);
+        case DType::Float16: return add_impl<Float16>(dst, src, n, first, seed, threshold, s);
+        case DType::BFloat16: return add_impl<BFloat16>(dst, src, n, first, seed, threshold, s);
+    }
+}
+
+}  // namespace cpu
+}  // namespace tunefast
