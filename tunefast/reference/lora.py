@@ -24,11 +24,8 @@ def apply_dropout(x2d: torch.Tensor, seed: int, p: float, row_start: int = 0) ->
     from .. import _native
 
     native_ok = _native.CPU_AVAILABLE if x2d.device.type == "cpu" else _native.cuda_usable()[0]
-    if native_ok and row_start == 0:
-        return _native.dropout_apply(x2d, seed, p)  # same mask, one fused pass, OpenMP on CPU
     if native_ok:
-        mask = _native.keep_mask(seed, x2d.shape[0], x2d.shape[1], p, row_start, device=x2d.device)
-        return x2d * mask.to(x2d.dtype) * rd.keep_scale(p)
+        return _native.dropout_apply(x2d, seed, p, row_start=row_start)  # one fused pass, OpenMP on CPU
     return rd.dropout(x2d, seed, p, row_start)
 
 
