@@ -61,16 +61,20 @@ def wrap(model, strategy: str, bf16: bool):
 
 
 def train(rank: int, world: int, strategy: str, steps: int = 3, micro: int = 2, bf16: bool = False,
-          backend: str = "reference", patch: bool = True, lr: float = 1e-2):
+          backend: str = "reference", patch: str = "before", lr: float = 1e-2):
     """Run ``steps`` optimizer steps of ``micro`` accumulated micro-batches; returns (losses, grads of
-    the first step as full tensors by parameter name, final trainable params)."""
+    the first step as full tensors by parameter name, final trainable params). ``patch``: "before"
+    or "after" wrapping, or "no"."""
     import tunefast
 
     model = tiny_lora_model()
-    if patch:
+    if patch == "before":
         tunefast.patch(model, backend=backend)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     wrapped = wrap(model, strategy, bf16)
+    if patch == "after":
+        report = tunefast.patch(wrapped, backend=backend)
+        assert len(report.patched) == 14, report
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     batches = global_batches(steps, micro)
     losses, first_grads = [], None
@@ -118,6 +122,8 @@ def main():
     p.add_argument("--bf16", action="store_true", help="FSDP2 mixed precision: bf16 params, fp32 reduce")
     p.add_argument("--backend", default="auto")
     args = p.parse_args()
+    if "RANK" not in os.environ:  # started as a plain script (or `accelerate launch --cpu`): one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():

@@ -41,6 +41,8 @@ JOBS = {
     "fsdp2": dict(strategy="fsdp2"),
     "fsdp2-triton": dict(strategy="fsdp2", backend="triton", steps=1, micro=1),
     "fsdp2-bf16": dict(strategy="fsdp2", bf16=True, steps=1, micro=1),
+    "ddp-patch-after-wrap": dict(strategy="ddp", patch="after", steps=1, micro=1),
+    "fsdp2-patch-after-wrap": dict(strategy="fsdp2", patch="after", steps=1, micro=1),
 }
 
 
@@ -51,9 +53,9 @@ def distributed_results(tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("key", ["ddp", "fsdp2", "fsdp2-triton"])
+@pytest.mark.parametrize("key", ["ddp", "fsdp2", "fsdp2-triton", "ddp-patch-after-wrap", "fsdp2-patch-after-wrap"])
 def test_two_ranks_equal_one_process(distributed_results, key):
-    kw = {k: v for k, v in JOBS[key].items() if k != "strategy"}
+    kw = {k: v for k, v in JOBS[key].items() if k not in ("strategy", "patch")}
     want_losses, want_grads, want_params = ex.train(0, 1, "single", **kw)
     losses, grads, params = distributed_results[key]
     for a, b in zip(losses, want_losses):

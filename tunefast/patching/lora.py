@@ -60,6 +60,9 @@ def decide(module, backend: str):
     if variants and (len(module.lora_A) > 1 or any(module.lora_bias.get(a) for a in variants)):
         return Skip("DoRA is fused for a single adapter without lora_bias; PEFT's forward runs")
     weight = base.weight
+    if hasattr(weight, "ds_id") or weight.numel() == 0:
+        return Skip("base weight is partitioned (DeepSpeed ZeRO-3): PEFT's forward runs; use FSDP2 "
+                    "(torch.distributed.fsdp.fully_shard) for the fused path")
     if weight.is_meta:
         raise ValueError(
             "the model has meta-device weights (shape only, no data): load or materialise them before "
