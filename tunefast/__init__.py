@@ -17,6 +17,7 @@ from .ops.routed_lora import routed_lora_linear
 from .patching import get_report, patch, unpatch
 from .patching.report import PatchedEntry, PatchReport, SkippedEntry
 from .routing import route
+from .methods import side  # memory-saving side tuning: tunefast.side.SideConfig / apply / save / load
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,6 @@ __all__ = [
     "patch",
     "route",
     "routed_lora_linear",
+    "side",
     "unpatch",
 ]

@@ -1,0 +1,320 @@
+"""Triton kernels for the ladder merge of side tuning: one side-network rung in one pass over h.
+
+    p = h W^T + b                      down-projection of a backbone hidden state, (M, D) -> (M, N)
+    z = g * p + (1 - g) * side         gated ladder merge (side: the side network's state, g: a scalar)
+    y = norm(z) * gamma (+ beta)       LayerNorm, or RMSNorm without beta, over the N side features
+
+``_ladder_merge_fwd_kernel`` writes only y: p, z and the row statistics stay in registers.
+``_ladder_merge_bwd_kernel`` recomputes them from (h, side) -- the only activations the op keeps; h is
+a no-grad backbone output that the weight gradient needs anyway -- and writes dp = d loss / dp (for
+dW = dp^T h, a separate split-K matmul from kernels/lora.py), dside, per-row dgate terms and partial
+sums of db, dgamma, dbeta over fixed 16-row slices. Every config writes every slice (the layout does
+not depend on BLOCK_M), so autotuning runs cannot leave stale partials behind.
+
+Caution:
+  * N (the side width, hidden / reduction factor) is held in one tile: N <= MAX_SIDE_WIDTH (1024).
+    Wider side networks run on the reference backend (tunefast/ops/side.py routes "auto" there).
+  * Recomputing p in the backward reads h twice there (once for p, once for dW): at bf16, d = 4096,
+    16k tokens that is 128 MB more traffic per rung (~30 us on an H200), bought for not keeping p.
+  * Under TRITON_INTERPRET=1 ``tl.dot`` on bf16/fp16 returns garbage, so UPCAST is set there; on a GPU
+    h and W of one dtype go to the tensor cores, mixed dtypes (bf16 h, fp32 side) are multiplied in fp32.
+  * Autotuning runs only on a GPU; the interpreter always uses one small fixed config.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora import dropout_matmul  # dW = dp^T h: a plain matmul with split-K over tokens
+
+MAX_SIDE_WIDTH = 1024
+PART_ROWS = 16  # rows per partial-sum slice in the backward (the smallest BLOCK_M)
+
+
+@triton.jit
+def _merge_and_normalize(
+    h_ptr, w_ptr, b_ptr, s_ptr, g_ptr,
+    rm64, rn64, mask_m, mask_n, D, N, eps,
+    stride_hm, stride_hd, stride_wn, stride_wd, stride_sm, stride_sn,
+    HAS_BIAS: tl.constexpr, HAS_SIDE: tl.constexpr, RMS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """(p - side (or p without a side state), zhat, rstd) of one (BLOCK_M, BLOCK_N) tile, all fp32."""
+    rd = tl.arange(0, BLOCK_D)
+    h_ptrs = h_ptr + rm64[:, None] * stride_hm + rd[None, :] * stride_hd
+    w_ptrs = w_ptr + rd[:, None] * stride_wd + rn64[None, :] * stride_wn  # W^T tile: (BLOCK_D, BLOCK_N)
+    p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dmask = (d0 + rd) < D
+        h = tl.load(h_ptrs, mask=mask_m[:, None] & dmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=dmask[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        p = tl.dot(h, w, p, input_precision=PRECISION)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    if HAS_BIAS:
+        p += tl.load(b_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_SIDE:
+        g = tl.load(g_ptr).to(tl.float32)
+        s_ptrs = s_ptr + rm64[:, None] * stride_sm + rn64[None, :] * stride_sn
+        side = tl.load(s_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        z = g * p + (1.0 - g) * side
+        diff = p - side
+    else:
+        z = p
+        diff = p
+    z = tl.where(mask_n[None, :], z, 0.0)  # padding columns (N < BLOCK_N) must not enter the statistics
+    if RMS:
+        zc = z
+    else:
+        mean = tl.sum(z, axis=1) / N
+        zc = tl.where(mask_n[None, :], z - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(zc * zc, axis=1) / N + eps)
+    return diff, zc * rstd[:, None], rstd
+
+
+@triton.jit
+def _ladder_merge_fwd_kernel(
+    # pointers: backbone hidden state, down-projection weight and bias, side state, gate (1 element),
+    # norm weight and bias, output
+    h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, nw_ptr, nb_ptr, y_ptr,
+    # sizes: M tokens, D backbone width, N side width
+    M, D, N,
+    # strides
+    stride_hm, stride_hd, stride_wn, stride_wd, stride_sm, stride_sn, stride_ym, stride_yn,
+    # norm epsilon, autotune key (log2 size buckets; the kernel ignores it)
+    eps, size_key,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_SIDE: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, RMS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    _, zhat, _ = _merge_and_normalize(
+        h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, rm64, rn64, mask_m, mask_n, D, N, eps,
+        stride_hm, stride_hd, stride_wn, stride_wd, stride_sm, stride_sn,
+        HAS_BIAS, HAS_SIDE, RMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+    )
+    y = zhat * tl.load(nw_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_NORM_BIAS:
+        y += tl.load(nb_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _ladder_merge_bwd_kernel(
+    # pointers: output gradient; the forward's inputs; outputs: dp (M, N), dside (M, N), per-row
+    # dgate terms (M,), partial sums (3, M / PART_ROWS, N) of [dbias, dnorm_weight, dnorm_bias]
+    dy_ptr, h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, nw_ptr, dp_ptr, ds_ptr, dg_ptr, part_ptr,
+    # sizes: M tokens, D backbone width, N side width, S partial-sum slices
+    M, D, N, S,
+    # strides
+    stride_dym, stride_dyn, stride_hm, stride_hd, stride_wn, stride_wd, stride_sm, stride_sn,
+    stride_dpm, stride_dpn, stride_dsm, stride_dsn,
+    # norm epsilon, autotune key
+    eps, size_key,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_SIDE: tl.constexpr, RMS: tl.constexpr, NEED_DSIDE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, PART_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    diff, zhat, rstd = _merge_and_normalize(
+        h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, rm64, rn64, mask_m, mask_n, D, N, eps,
+        stride_hm, stride_hd, stride_wn, stride_wd, stride_sm, stride_sn,
+        HAS_BIAS, HAS_SIDE, RMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+    )
+    # Rows past M and padding columns load dy = 0, so they add nothing to any sum below.
+    dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn, mask=mask, other=0.0)
+    dy = dy.to(tl.float32)
+    dzhat = dy * tl.load(nw_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    proj = tl.sum(dzhat * zhat, axis=1) / N
+    if RMS:
+        dz = (dzhat - zhat * proj[:, None]) * rstd[:, None]
+    else:
+        dz = (dzhat - tl.sum(dzhat, axis=1)[:, None] / N - zhat * proj[:, None]) * rstd[:, None]
+    dz = tl.where(mask_n[None, :], dz, 0.0)
+    if HAS_SIDE:
+        g = tl.load(g_ptr).to(tl.float32)
+        dp = g * dz
+        tl.store(dg_ptr + rm64, tl.sum(dz * diff, axis=1), mask=mask_m)
+        if NEED_DSIDE:
+            ds_ptrs = ds_ptr + rm64[:, None] * stride_dsm + rn64[None, :] * stride_dsn
+            tl.store(ds_ptrs, ((1.0 - g) * dz).to(ds_ptr.dtype.element_ty), mask=mask)
+    else:
+        dp = dz
+    tl.store(dp_ptr + rm64[:, None] * stride_dpm + rn64[None, :] * stride_dpn, dp.to(dp_ptr.dtype.element_ty),
+             mask=mask)
+
+    # Column sums over 16-row slices, stored at slice index = row // PART_ROWS whatever BLOCK_M is.
+    SLICES: tl.constexpr = BLOCK_M // PART_ROWS
+    rs = pid * SLICES + tl.arange(0, SLICES)
+    part_ptrs = part_ptr + rs.to(tl.int64)[:, None] * N + rn64[None, :]
+    part_mask = (rs < S)[:, None] & mask_n[None, :]
+    tl.store(part_ptrs, _slice_sums(dp, SLICES, PART_ROWS, BLOCK_N), mask=part_mask)
+    tl.store(part_ptrs + S * N, _slice_sums(dy * zhat, SLICES, PART_ROWS, BLOCK_N), mask=part_mask)
+    tl.store(part_ptrs + 2 * S * N, _slice_sums(dy, SLICES, PART_ROWS, BLOCK_N), mask=part_mask)
+
+
+@triton.jit
+def _slice_sums(t, SLICES: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    return tl.sum(tl.reshape(t, (SLICES, PART_ROWS, BLOCK_N)), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------
+
+# One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
+_INTERPRET_META = dict(BLOCK_M=32, BLOCK_D=32)
+
+
+def _gpu_configs():
+    """Row tiles x reduction tiles for Ampere/Hopper; the side width N is one whole tile (not tuned).
+    The narrow-BLOCK_D, few-stage tiles exist for wide side networks (N up to 1024, see _prune)."""
+    tiles = [  # BLOCK_M, BLOCK_D, num_warps, num_stages
+        (16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 8, 2), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3),
+        (64, 32, 4, 4), (64, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3),
+        (16, 32, 4, 2), (16, 32, 8, 2), (16, 16, 4, 2), (16, 16, 4, 1), (32, 32, 4, 2),
+    ]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_D=d), num_warps=w, num_stages=s) for m, d, w, s in tiles]
+
+
+# Shared memory a config may stage: num_stages x (h tile + W tile). 96 KiB fits every Ampere/Hopper
+# part (A100: 163 KiB per block, H100/H200: 227 KiB, consumer Ampere: 99 KiB).
+_SMEM_BUDGET = 96 * 1024
+
+
+def _smem(config, block_n, elem_bytes):
+    bm, bd = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"]
+    return config.num_stages * (bm + block_n) * bd * elem_bytes
+
+
+def _prune(configs, named_args, budget, **kwargs):
+    # Register budget in (BLOCK_M x BLOCK_N) fp32 elements: past 16k per program the forward spills
+    # on 4 warps; the backward holds ~3x more live tiles. Row tiles far taller than M only waste work.
+    # Dot operands are staged in shared memory in fp32 when upcast: N = 1024 with BLOCK_D = 64 over
+    # 3 stages would need 800 KiB.
+    n = kwargs["BLOCK_N"]
+    elem = 4 if kwargs["UPCAST"] or named_args["h_ptr"].dtype == torch.float32 else 2
+    m = max(16, triton.next_power_of_2(named_args["M"]))
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] * n <= budget and c.kwargs["BLOCK_M"] <= 2 * m and _smem(c, n, elem) <= _SMEM_BUDGET
+    ]
+    return kept or [min(configs, key=lambda c: (_smem(c, n, elem), -c.num_warps))]
+
+
+@functools.cache
+def _tuned(kernel_name):
+    budget = 16384 if kernel_name == "_ladder_merge_fwd_kernel" else 8192
+    prune = functools.partial(_prune, budget=budget)
+    return triton.autotune(configs=_gpu_configs(), key=["size_key"], prune_configs_by={"early_config_prune": prune})(
+        globals()[kernel_name]
+    )
+
+
+def _launch(kernel_name, M, args, meta, on_gpu):
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)  # noqa: E731
+    if on_gpu:
+        _tuned(kernel_name)[grid](*args, **meta)
+    else:
+        globals()[kernel_name][grid(_INTERPRET_META)](*args, **meta, **_INTERPRET_META)
+
+
+def _size_key(*sizes):
+    # Autotune key: log2 buckets of (M, D, N) packed in one int, so a new token count does not
+    # trigger a fresh tuning run but a 16x larger one does.
+    return sum(int(s).bit_length() << (6 * i) for i, s in enumerate(sizes))
+
+
+def _precision(t: torch.Tensor) -> str:
+    # Applies to fp32 dots only (mixed bf16 h / fp32 side): mirror torch's matmul precision setting.
+    return "tf32" if (t.is_cuda and torch.get_float32_matmul_precision() != "highest") else "ieee"
+
+
+def _upcast(h: torch.Tensor, w: torch.Tensor) -> bool:
+    return h.dtype != w.dtype or (not h.is_cuda and h.dtype != torch.float32)
+
+
+def block_n(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def ladder_merge_forward(h, weight, bias, side, gate, norm_weight, norm_bias, eps, rms):
+    """y (M, N) in weight's dtype from h (M, D), weight (N, D), bias (N) | None, side (M, N) | None,
+    gate (1,) fp32 (ignored without side), norm_weight (N), norm_bias (N) | None. Any strides."""
+    M, D = h.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=h.device, dtype=weight.dtype)
+    dummy = y  # placeholder pointer for absent operands; never dereferenced (constexpr-guarded)
+    s = side if side is not None else dummy
+    args = (
+        h, weight, bias if bias is not None else dummy, s, gate if side is not None else dummy,
+        norm_weight, norm_bias if norm_bias is not None else dummy, y,
+        M, D, N,
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
+        y.stride(0), y.stride(1),
+        float(eps), _size_key(M, D, N),
+    )
+    meta = dict(
+        HAS_BIAS=bias is not None, HAS_SIDE=side is not None, HAS_NORM_BIAS=norm_bias is not None, RMS=rms,
+        UPCAST=_upcast(h, weight), PRECISION=_precision(h), BLOCK_N=block_n(N),
+    )
+    _launch("_ladder_merge_fwd_kernel", M, args, meta, h.is_cuda)
+    return y
+
+
+def ladder_merge_backward(dy, h, weight, bias, side, gate, norm_weight, eps, rms, need_dside, need_dweight):
+    """(dweight | None, dbias, dside | None, dgate (1,) fp32 | None, dnorm_weight, dnorm_bias) for the
+    forward above; dy (M, N). Gradients come in their parameter's dtype (dgate: fp32)."""
+    M, D = h.shape
+    N = weight.shape[0]
+    dev, wdt = h.device, weight.dtype
+    has_side = side is not None
+    dp = torch.empty((M, N), device=dev, dtype=wdt)
+    ds = torch.empty((M, N), device=dev, dtype=side.dtype) if has_side and need_dside else dp
+    dg = torch.empty((M,), device=dev, dtype=torch.float32) if has_side else dp
+    S = triton.cdiv(M, PART_ROWS)
+    part = torch.empty((3, S, N), device=dev, dtype=torch.float32)
+    s = side if has_side else dp
+    args = (
+        dy, h, weight, bias if bias is not None else dp, s, gate if has_side else dp, norm_weight, dp, ds, dg, part,
+        M, D, N, S,
+        dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+        s.stride(0), s.stride(1), dp.stride(0), dp.stride(1), ds.stride(0), ds.stride(1),
+        float(eps), _size_key(M, D, N),
+    )
+    meta = dict(
+        HAS_BIAS=bias is not None, HAS_SIDE=has_side, RMS=rms, NEED_DSIDE=has_side and need_dside,
+        UPCAST=_upcast(h, weight), PRECISION=_precision(h), PART_ROWS=PART_ROWS, BLOCK_N=block_n(N),
+    )
+    _launch("_ladder_merge_bwd_kernel", M, args, meta, h.is_cuda)
+    sums = part.sum(1)  # (3, N) fp32: dbias, dnorm_weight, dnorm_bias
+    dweight = dropout_matmul(dp.t(), h, wdt) if need_dweight else None  # (N, M) @ (M, D), split over M
+    return (
+        dweight,
+        sums[0].to(bias.dtype, copy=True) if bias is not None else None,  # copies: views of sums may not alias
+        ds if has_side and need_dside else None,
+        dg.sum().reshape(1) if has_side else None,
+        sums[1].to(norm_weight.dtype, copy=True),
+        sums[2].to(norm_weight.dtype, copy=True),
+    )
+
