@@ -57,16 +57,29 @@ struct Float16 {
     }
 };
 
-// Measured on a 2-core x86 box: ~5 ns per element on one thread, and two threads already win at
-// 1k elements. Waking a large team costs several microseconds, so start at 4096 (~20 us of work).
+// Measured on a 2-core x86 box: ~5 ns per element on one thread with a Philox block per element (the
+// first version), and two threads already win at 1k elements. Waking a large team costs several microseconds, so start at 4096 (~20 us of work).
 constexpr int64_t kParallelMinElements = 4096;
 
-// Over elements, not rows: a (1, 1M) matrix parallelises as well as a (1M, 1) one. Each thread
-// takes one contiguous range (schedule static), so the output writes stay sequential.
+// fn(i, keep) for the n elements at offsets first_offset + i, one Philox block per four elements
+// (the four words of counter q serve offsets 4q .. 4q+3): 4x fewer rounds than a draw per element.
 template <typename Fn>
-void parallel_for(int64_t n, Fn&& fn) {
+void for_each_keep(int64_t n, uint64_t first_offset, uint64_t seed, uint64_t threshold, Fn&& fn) {
+    if (n <= 0) return;
+    const uint64_t q_first = first_offset >> 2;
+    const uint64_t q_last = (first_offset + uint64_t(n) - 1) >> 2;
+    const int64_t blocks = int64_t(q_last - q_first) + 1;
 #pragma omp parallel for schedule(static) if (n >= kParallelMinElements)
-    for (int64_t i = 0; i < n; ++i) fn(i);
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint64_t q = q_first + uint64_t(b);
+        uint32_t words[4];
+        philox_block(seed, q, words);
+        for (int j = 0; j < 4; ++j) {
+            const uint64_t offset = 4 * q + uint64_t(j);
+            if (offset < first_offset || offset - first_offset >= uint64_t(n)) continue;
+            fn(int64_t(offset - first_offset), uint64_t(words[j]) >= threshold);
+        }
+    }
 }
 
 template <typename D>
@@ -74,8 +87,8 @@ void apply_impl(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n, uint64_t first_o
                 uint64_t threshold, float scale) {
     const auto* in = reinterpret_cast<const typename D::T*>(in_ptr);
     auto* out = reinterpret_cast<typename D::T*>(out_ptr);
-    parallel_for(n, [&](int64_t i) {
-        const float keep = philox_keep(seed, first_offset + i, threshold) ? 1.0f : 0.0f;
+    for_each_keep(n, first_offset, seed, threshold, [&](int64_t i, bool kept) {
+        const float keep = kept ? 1.0f : 0.0f;
         // x * keep first, as the reference: a dropped inf/NaN gives NaN, a dropped -x gives -0.
         out[i] = D::store(D::load(in[i]) * keep * scale);
     });
@@ -86,8 +99,8 @@ void add_impl(uintptr_t dst_ptr, uintptr_t src_ptr, int64_t n, uint64_t first_of
               uint64_t threshold, float scale) {
     auto* dst = reinterpret_cast<typename D::T*>(dst_ptr);
     const auto* src = reinterpret_cast<const typename D::T*>(src_ptr);
-    parallel_for(n, [&](int64_t i) {
-        const float keep = philox_keep(seed, first_offset + i, threshold) ? 1.0f : 0.0f;
+    for_each_keep(n, first_offset, seed, threshold, [&](int64_t i, bool kept) {
+        const float keep = kept ? 1.0f : 0.0f;
         // Rounded to the storage dtype before the add, as `dst + dropout(src)` does.
         const float dropped = D::load(D::store(D::load(src[i]) * keep * scale));
         dst[i] = D::store(D::load(dst[i]) + dropped);
@@ -104,7 +117,7 @@ void keep_mask(uintptr_t out, int64_t rows, int64_t cols, int64_t row_start, uin
     check_ptr("keep_mask", out, "out", rows, cols);
     auto* mask = reinterpret_cast<uint8_t*>(out);
     const uint64_t first_offset = uint64_t(row_start) * uint64_t(cols);
-    parallel_for(rows * cols, [&](int64_t i) { mask[i] = philox_keep(seed, first_offset + i, threshold); });
+    for_each_keep(rows * cols, first_offset, seed, threshold, [&](int64_t i, bool kept) { mask[i] = kept; });
 }
 
 void dropout_apply(uintptr_t in, uintptr_t out, int64_t rows, int64_t cols, int dtype_code,

@@ -36,8 +36,10 @@ TF_HOST_DEVICE void mul_hi_lo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo
 // One Philox block per element and only its first word used, as the reference defines it: the
 // draw of an element then depends on its offset alone, whatever the tiling of the kernel that
 // regenerates it (Triton block, CUDA thread, OpenMP chunk).
-TF_HOST_DEVICE uint32_t philox_draw(uint64_t seed, uint64_t offset) {
-    uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+// The four output words of Philox-4x32-10 for one counter; element offset o uses word (o & 3) of
+// counter (o >> 2) (tunefast/reference/dropout.py).
+TF_HOST_DEVICE void philox_block(uint64_t seed, uint64_t counter, uint32_t out[4]) {
+    uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
     uint32_t c2 = 0, c3 = 0;
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDACC__)
@@ -54,7 +56,16 @@ TF_HOST_DEVICE uint32_t philox_draw(uint64_t seed, uint64_t offset) {
         k0 += kPhiloxKeyA;
         k1 += kPhiloxKeyB;
     }
-    return c0;
+    out[0] = c0;
+    out[1] = c1;
+    out[2] = c2;
+    out[3] = c3;
+}
+
+TF_HOST_DEVICE uint32_t philox_draw(uint64_t seed, uint64_t offset) {
+    uint32_t words[4];
+    philox_block(seed, offset >> 2, words);
+    return words[offset & 3];
 }
 
 TF_HOST_DEVICE bool philox_keep(uint64_t seed, uint64_t offset, uint64_t threshold) {

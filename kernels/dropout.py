@@ -7,9 +7,10 @@ Written out here rather than calling ``tl.randint`` so that the mask cannot chan
 version: the GPU machine runs Triton 3.6, CI runs 3.8, and a mask that differs between forward and a
 recomputed forward would silently corrupt gradients.
 
-Caution: one Philox evaluation (10 rounds, ~40 integer ops) per element. For a memory-bound kernel
-reading bf16 this is comparable to the load cost on an H200; a 4-draws-per-counter variant would cut
-it by 4x but changes the mask definition, so it is not done yet.
+Caution: here each element still evaluates its own Philox block (10 rounds, ~40 integer ops) and
+picks its word; computing one block per four elements needs a (BLOCK, BLOCK/4, 4) reshape of the
+tile, not done yet. For a memory-bound kernel reading bf16 this cost is comparable to the loads on an
+H200; the C++ kernel already evaluates one block per four elements.
 """
 
 import triton
@@ -28,8 +29,9 @@ def philox_keep(seed, offsets, threshold):
     KEY_A: tl.constexpr = 0x9E3779B9
     KEY_B: tl.constexpr = 0xBB67AE85
     seed = seed.to(tl.int64)
-    c0 = (offsets & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((offsets >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    q = offsets >> 2  # one Philox block serves four consecutive offsets (word = offset & 3)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = c0 * 0
     c3 = c0 * 0
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -43,4 +45,6 @@ def philox_keep(seed, offsets, threshold):
         c3 = _c0 * ROUND_A
         k0 = k0 + KEY_A
         k1 = k1 + KEY_B
-    return c0.to(tl.int64) >= threshold
+    word = offsets & 3
+    draw = tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
+    return draw.to(tl.int64) >= threshold

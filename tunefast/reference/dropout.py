@@ -11,13 +11,16 @@ Three implementations must draw the very same mask bit for bit:
 
 Definition (Philox-4x32 with 10 rounds, Salmon et al. 2011, as in cuRAND and Triton's ``tl.randint``):
 
+  offset  of element (i, j) of x viewed as a 2-D (M, K) matrix: o = i * K + j
   key     k0 = seed & 0xFFFFFFFF,  k1 = seed >> 32             (seed: non-negative int64)
-  counter c0 = offset & 0xFFFFFFFF, c1 = offset >> 32, c2 = c3 = 0
-          offset of element (i, j) of x viewed as a 2-D (M, K) matrix = i * K + j
+  counter q = o >> 2:  c0 = q & 0xFFFFFFFF, c1 = q >> 32, c2 = c3 = 0
   round   (c0, c1, c2, c3) <- (hi(B*c2) ^ c1 ^ k0, lo(B*c2), hi(A*c0) ^ c3 ^ k1, lo(A*c0))
           k0 += 0x9E3779B9, k1 += 0xBB67AE85                      (all mod 2**32)
           with A = 0xD2511F53, B = 0xCD9E8D57
-  draw    u = c0 after 10 rounds (uint32)
+  draw    u = word (o & 3) of (c0, c1, c2, c3) after 10 rounds (uint32)
+
+One Philox evaluation serves four consecutive elements (all four output words are used, as cuRAND
+does): on a CPU the draw is the cost of a dropout mask, and this makes it 4x cheaper.
   keep    u >= threshold(p), threshold(p) = min(floor(p * 2**32), 2**32)
   scale   kept elements are multiplied by 1 / (1 - p)  (0 when p == 1: everything dropped)
 
@@ -58,13 +61,13 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_draw(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """uint32 Philox draws (held in int64) for int64 ``offsets`` of any shape, on their device."""
+def philox_block(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """The four uint32 output words (held in int64), shape (*counters.shape, 4), of Philox-4x32-10."""
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
-    offsets = offsets.to(torch.int64)
-    c0 = offsets & _MASK32
-    c1 = (offsets >> 32) & _MASK32
+    counters = counters.to(torch.int64)
+    c0 = counters & _MASK32
+    c1 = (counters >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -74,7 +77,14 @@ def philox_draw(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + PHILOX_KEY_A) & _MASK32
         k1 = (k1 + PHILOX_KEY_B) & _MASK32
-    return c0
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def philox_draw(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """uint32 draws (held in int64) for int64 element ``offsets`` of any shape, on their device."""
+    offsets = offsets.to(torch.int64)
+    words = philox_block(seed, offsets >> 2)
+    return torch.gather(words, -1, (offsets & 3).unsqueeze(-1)).squeeze(-1)
 
 
 def keep_mask(seed: int, rows: int, cols: int, p: float, device=None, row_start: int = 0) -> torch.Tensor:

@@ -29,6 +29,16 @@ def apply_dropout(x2d: torch.Tensor, seed: int, p: float, row_start: int = 0) ->
     return rd.dropout(x2d, seed, p, row_start)
 
 
+def keep_mask(shape, seed: int, p: float, device, row_start: int = 0) -> torch.Tensor:
+    """Boolean keep mask (M, K) of ``seed``: native kernel when built, else plain PyTorch."""
+    from .. import _native
+
+    native_ok = _native.CPU_AVAILABLE if device.type == "cpu" else _native.cuda_usable()[0]
+    if native_ok:
+        return _native.keep_mask(seed, shape[0], shape[1], p, row_start, device=device)
+    return rd.keep_mask(seed, shape[0], shape[1], p, device=device, row_start=row_start)
+
+
 def forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale=None):
     """Return (y2d (M, N), [xa_i (M, r_i)]): y = g * (x W^T + sum_i s_i * (drop_i(x) A_i^T) B_i^T) + b.
 
@@ -61,6 +71,12 @@ def backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds,
         if need_db:
             dbs.append((dyl.t() @ xas[i]).mul_(s))
         dxa = (dyl @ b).mul_(s)
+        if p > 0.0 and need_da and need_dx:
+            # Both gradients need the mask: draw it once (one Philox pass instead of two).
+            mask = keep_mask(x2d.shape, seed, p, x2d.device).to(a.dtype).mul_(rd.keep_scale(p))
+            das.append(dxa.t() @ (x2d.to(a.dtype) * mask))
+            dx.add_((dxa @ a).mul_(mask))
+            continue
         if need_da:
             das.append(dxa.t() @ apply_dropout(x2d.to(a.dtype), seed, p))
         if need_dx:
