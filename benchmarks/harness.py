@@ -50,6 +50,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from tunefast.profiling import SavedTensors, storage_ptrs  # noqa: F401  (storage_ptrs: harness API)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_ENV = "TUNEFAST_BENCH_DEVICE"  # "cpu" or "cuda"; default: cuda when available
 
@@ -215,39 +217,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def storage_ptrs(tensors: Iterable[torch.Tensor]) -> set[int]:
-    """data_ptrs of the untyped storages behind ``tensors`` (views share their base's)."""
-    out = set()
-    for t in tensors:
-        try:
-            out.add(t.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
-            pass
-    return out
-
-
 def saved_activation_bytes(fn: Callable[[], Any], exclude: set[int]) -> int:
-    """Bytes of the unique storages autograd saves for backward while ``fn`` runs, minus ``exclude``.
-
-    A storage counts once however many saved tensors view it, and in full (its nbytes), since
-    keeping any view keeps all of it alive. Storages are held until ``fn`` returns so that no
-    address can be reused by another storage during the count.
-    """
-    seen: dict[int, torch.UntypedStorage] = {}
-
-    def pack(t: torch.Tensor):
-        try:
-            s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return t
-        ptr = s.data_ptr()
-        if ptr and ptr not in exclude and ptr not in seen:
-            seen[ptr] = s
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes of the unique storages autograd saves for backward while ``fn`` runs, minus ``exclude``
+    (storage data_ptrs): tunefast.profiling's count, the one definition the tests use too."""
+    with SavedTensors(exclude) as rec:
         fn()
-    return sum(s.nbytes() for s in seen.values())
+    return rec.bytes
 
 
 def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:

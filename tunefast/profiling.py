@@ -12,19 +12,39 @@ from typing import Callable, Iterable
 import torch
 
 
-class SavedTensors:
-    """Context manager recording the storages autograd saves; read ``.bytes`` / ``.tensors`` after."""
+def storage_ptrs(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """data_ptrs of the untyped storages behind ``tensors`` (views share their base's)."""
+    out = set()
+    for t in tensors:
+        try:
+            out.add(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (some subclasses)
+            pass
+    return out
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude if t.device.type != "meta"}
+
+class SavedTensors:
+    """Context manager recording the storages autograd saves; read ``.bytes`` / ``.tensors`` after.
+
+    ``exclude``: tensors (parameters, buffers) or storage data_ptrs whose storages do not count. A
+    storage counts once however many saved tensors view it, and in full (its nbytes), since keeping
+    any view keeps all of it alive; saved tensors are held so no address is reused during the count.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] | set[int] = ()):
+        exclude = list(exclude)
+        self._excluded = {e for e in exclude if isinstance(e, int)} | storage_ptrs(
+            e for e in exclude if isinstance(e, torch.Tensor))
         self._storages: dict[int, torch.Tensor] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta":
+        try:
             key = t.untyped_storage().data_ptr()
-            if key not in self._excluded and key not in self._storages:
-                self._storages[key] = t
+        except (RuntimeError, NotImplementedError):
+            return t
+        if key and key not in self._excluded and key not in self._storages:
+            self._storages[key] = t
         return t
 
     def __enter__(self) -> "SavedTensors":
