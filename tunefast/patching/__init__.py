@@ -8,10 +8,14 @@ from torch import nn
 
 from .. import backend as _backend
 from . import lora as _lora
-from .registry import Patch, handler_for, is_patched, swap_in, swap_out
+from . import qlora as _qlora
+from . import prefix as _prefix
+from .registry import Patch, handler_for, is_patched, model_handlers, swap_in, swap_out
 from .report import PatchedEntry, PatchReport, SkippedEntry
 
 _lora.register_handlers()
+_qlora.register_handlers()
+_prefix.register_handlers()
 
 _REPORT_ATTR = "_tunefast_report"
 
@@ -58,6 +62,9 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
         _backend.resolve("triton", device)  # raises BackendUnavailableError with the reason
 
     report = PatchReport(backend=backend)
+    for model_handler in model_handlers(model):
+        for entry in model_handler.apply(model, backend) or ():
+            (report.patched if isinstance(entry, PatchedEntry) else report.skipped).append(entry)
     for name, module in model.named_modules():
         handler = handler_for(module)
         if handler is None:
@@ -79,6 +86,8 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: every module gets its original class (and forward) back. Returns ``model``."""
     _check_model(model)
+    for model_handler in model_handlers(model):
+        model_handler.undo(model)
     for module in model.modules():
         if is_patched(module):
             swap_out(module)

@@ -38,13 +38,38 @@ class Handler:
     forward: Callable | None
 
 
+@dataclass(frozen=True)
+class ModelHandler:
+    """A change that spans a whole model rather than one module (prompt learning: the PeftModel's forward
+    and the model's attention implementation change together).
+
+    ``apply(model, backend) -> list[PatchedEntry | SkippedEntry] | None``: None when ``model`` is not of
+    this handler's kind (nothing changed, no entry). ``undo(model)`` restores what apply changed; it is
+    a no-op on a model apply did not change. Class swaps done with ``swap_in`` are undone by unpatch.
+    """
+
+    model_type: type
+    apply: Callable
+    undo: Callable
+
+
 _HANDLERS: dict[type, Handler] = {}
+_MODEL_HANDLERS: list[ModelHandler] = []
 _FAST_CLASSES: dict[tuple[type, Callable], type] = {}
 
 
 def register(module_type: type, decide: Callable, forward: Callable | None = None) -> None:
     """Register the handler for ``module_type`` and its subclasses (the most specific type wins)."""
     _HANDLERS[module_type] = Handler(decide, forward)
+
+
+def register_model(model_type: type, apply: Callable, undo: Callable) -> None:
+    """Register a whole-model handler, run by patch() on a root model of ``model_type`` before the walk."""
+    _MODEL_HANDLERS.append(ModelHandler(model_type, apply, undo))
+
+
+def model_handlers(model: nn.Module) -> list[ModelHandler]:
+    return [h for h in _MODEL_HANDLERS if isinstance(model, h.model_type)]
 
 
 def handler_for(module: nn.Module) -> Handler | None:

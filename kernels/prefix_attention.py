@@ -1,0 +1,463 @@
+"""Triton flash attention (FlashAttention-2 schedule) over [shared prefix | sequence] keys.
+
+    o[b, h, t] = softmax_j(scale * q[b, h, t] . key_j) value_j,   j over P prefix keys then S sequence keys
+
+The prefix pk / pv (Hkv, P, D) is shared by the batch: every program reads it through its own pointers
+(batch stride 0), so it is never expanded, copied or concatenated per batch element. Query head h reads
+key/value head h // (Hq / Hkv) (GQA / MQA without repeat_kv). Sequence keys are causal (aligned so the
+last query sees the last key: t sees s iff s <= t + S - T) or bidirectional, with a (B, S) key-padding
+mask. Every query sees every prefix key.
+
+Kernels (tunefast/ops/prefix_attention.py composes them):
+  ``_fwd_kernel``    one program per (query block, head, batch): online softmax over prefix then
+                     sequence blocks; writes o and lse (natural log, fp32; +inf for a row with no key).
+  ``_delta_kernel``  delta = rowsum(dO * O), the backward's softmax-Jacobian term.
+  ``_dkdv_kernel``   one program per (key block, kv head, batch): loops over the group's query heads and
+                     query blocks, recomputing P from lse. Launched once over prefix keys (writing a
+                     (B, Hkv, P, D) fp32 partial per batch element, summed by torch: deterministic, no
+                     atomics) and once over sequence keys (writing dk / dv).
+  ``_dq_kernel``     one program per (query block, head, batch): dq over prefix and sequence keys.
+
+Caution:
+  * Under TRITON_INTERPRET=1 ``tl.dot`` on bf16/fp16 returns garbage (bf16 is held as raw bits), so the
+    launchers set UPCAST there; on a GPU low-precision operands go to the tensor cores.
+  * fp32 dots follow torch's matmul precision setting ("ieee" unless TF32 is allowed).
+  * Head dims are padded to the next power of two (min 16) with masks: D = 80 or 96 costs a 128 tile.
+  * A row with no visible key (P = 0 and every sequence key masked) gives o = 0, lse = +inf and zero
+    gradients (flash-attention's convention; tunefast/reference/prefix_attention.py agrees).
+  * Autotuning runs only on a GPU; the interpreter uses one small fixed config.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One online-softmax step over a key block. Scores are in log2 units (scale * log2(e) folded in)."""
+    k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+    s = _dot(q, k, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no key yet keeps m = -inf; exponentiate against 0 there so that no inf - inf
+    # (NaN) appears: its p and alpha are exactly 0
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers: inputs, key-padding mask (int8, B x S), outputs
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, o_ptr, lse_ptr,
+    # sizes: queries, sequence keys, prefix keys, head dim, query heads per kv head
+    T, S, P, HEAD_DIM, GROUP,
+    # strides (prefix: no batch stride, it is shared)
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkh, stride_pkp, stride_pkd,
+    stride_pvh, stride_pvp, stride_pvd,
+    stride_mb, stride_ms,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    # softmax scale * log2(e), autotune key
+    qk_scale, size_key,
+    # meta-parameters
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hkv = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < T
+    d_mask = offs_d < HEAD_DIM
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    # prefix keys: seen by every query, no mask but the bounds
+    for start_n in range(0, P, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < P
+        k_ptrs = pk_ptr + hkv * stride_pkh + n[None, :].to(tl.int64) * stride_pkp + offs_d[:, None] * stride_pkd
+        v_ptrs = pv_ptr + hkv * stride_pvh + n[:, None].to(tl.int64) * stride_pvp + offs_d[None, :] * stride_pvd
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, n_mask[None, :], qk_scale,
+                                      UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+
+    # sequence keys: causal blocks past the diagonal are never visited
+    hi = S
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < S
+        valid = n_mask[None, :]
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + n.to(tl.int64) * stride_ms, mask=n_mask, other=0)
+            valid = valid & (keep != 0)[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= offs_m[:, None] + (S - T))
+        k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + n[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd
+        v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + n[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale,
+                                      UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+
+    empty = l_i == 0.0  # no visible key: o = 0, lse = +inf (then P = exp(s - lse) = 0 in the backward)
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    n_heads = tl.num_programs(1)
+    tl.store(lse_ptr + (b * n_heads + h) * T + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _delta_kernel(
+    # pointers: output, its gradient, delta (B, Hq, T) fp32
+    o_ptr, do_ptr, delta_ptr,
+    # sizes
+    T, HEAD_DIM,
+    # strides
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + (b * tl.num_programs(1) + h) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_kernel(
+    # pointers: inputs, keys/values of this launch (prefix or sequence), key-padding mask, outputs
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dk_ptr, dv_ptr,
+    # sizes: queries, sequence keys, keys of this launch, head dim, query heads per kv head, query heads
+    T, S, N_KEYS, HEAD_DIM, GROUP, HQ,
+    # strides (stride_kb = 0 for the prefix; dk/dv of the prefix are per-batch fp32 partials)
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_mb, stride_ms,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    # softmax scale (natural) and scale * log2(e), autotune key
+    sm_scale, qk_scale, size_key,
+    # meta-parameters: PREFIX keys are seen by every query (no causal, no padding mask)
+    PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hkv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_mb = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N_KEYS
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    rows_n = offs_n[:, None].to(tl.int64)
+    k = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + rows_n * stride_ks + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + rows_n * stride_vs + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    col_ok = n_mask
+    if not PREFIX:
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + offs_n.to(tl.int64) * stride_ms, mask=n_mask, other=0)
+            col_ok = col_ok & (keep != 0)
+    lo = 0
+    if CAUSAL and not PREFIX:
+        lo = (tl.maximum(start_n - (S - T), 0) // BLOCK_M) * BLOCK_M  # earlier queries cannot see this block
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hkv * GROUP + g
+        row_base = (b * HQ + h) * T
+        for start_m in range(lo, T, BLOCK_M):
+            offs_m = start_m + offs_mb
+            m_mask = offs_m < T
+            rows_m = offs_m[:, None].to(tl.int64)
+            qd_mask = m_mask[:, None] & d_mask[None, :]
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows_m * stride_qt + offs_d[None, :] * stride_qd,
+                        mask=qd_mask, other=0.0)
+            do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows_m * stride_dot + offs_d[None, :] * stride_dod,
+                         mask=qd_mask, other=0.0)
+            lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
+            s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale
+            valid = m_mask[:, None] & col_ok[None, :]
+            if CAUSAL and not PREFIX:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (S - T))
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            dv = _dot(tl.trans(p.to(do.dtype)), do, dv, UPCAST, PRECISION)
+            dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST, PRECISION)
+    dk = dk * sm_scale
+    tl.store(dk_ptr + b * stride_dkb + hkv * stride_dkh + rows_n * stride_dks + offs_d[None, :] * stride_dkd,
+             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + b * stride_dvb + hkv * stride_dvh + rows_n * stride_dvs + offs_d[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid,
+             qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale
+    p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+    ds = p * (dp - delta[:, None])
+    return _dot(ds.to(k.dtype), k, dq, UPCAST, PRECISION)
+
+
+@triton.jit
+def _dq_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dq_ptr,
+    # sizes
+    T, S, P, HEAD_DIM, GROUP,
+    # strides
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkh, stride_pkp, stride_pkd,
+    stride_pvh, stride_pvp, stride_pvd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_mb, stride_ms,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    # softmax scale (natural) and scale * log2(e), autotune key
+    sm_scale, qk_scale, size_key,
+    # meta-parameters
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hkv = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < T
+    d_mask = offs_d < HEAD_DIM
+    rows_m = offs_m[:, None].to(tl.int64)
+    qd_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows_m * stride_qt + offs_d[None, :] * stride_qd,
+                mask=qd_mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows_m * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=qd_mask, other=0.0)
+    row_base = (b * tl.num_programs(1) + h) * T
+    lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    for start_n in range(0, P, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < P
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        rows_n = n[:, None].to(tl.int64)
+        k_ptrs = pk_ptr + hkv * stride_pkh + rows_n * stride_pkp + offs_d[None, :] * stride_pkd
+        v_ptrs = pv_ptr + hkv * stride_pvh + rows_n * stride_pvp + offs_d[None, :] * stride_pvd
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, m_mask[:, None] & n_mask[None, :],
+                      qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+
+    hi = S
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < S
+        valid = m_mask[:, None] & n_mask[None, :]
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + n.to(tl.int64) * stride_ms, mask=n_mask, other=0)
+            valid = valid & (keep != 0)[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= offs_m[:, None] + (S - T))
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        rows_n = n[:, None].to(tl.int64)
+        k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + rows_n * stride_ks + offs_d[None, :] * stride_kd
+        v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + rows_n * stride_vs + offs_d[None, :] * stride_vd
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+
+    dq = dq * sm_scale
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows_m * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------
+
+# One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
+_INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32)
+# Autotuning compiles every config for each new (dtype, head-dim tile, causal, mask) combination
+# (~20 compiles, tens of seconds); set False for one fixed config, e.g. in GPU tests.
+AUTOTUNE = True
+_GPU_DEFAULT = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _gpu_configs(kind: str):
+    """Tiles for Ampere/Hopper. Forward: wide query blocks (flash-attention 2's 128 x 64 at D <= 128);
+    backward programs hold two fp32 (BLOCK_N, D) accumulators, so narrower tiles."""
+    if kind == "fwd":
+        tiles = [(128, 64, 3, 8), (128, 64, 2, 4), (128, 32, 3, 4), (64, 64, 3, 4), (64, 32, 4, 4), (32, 32, 2, 4)]
+    else:
+        tiles = [(64, 64, 2, 4), (32, 64, 3, 4), (64, 32, 3, 4), (32, 32, 2, 4), (16, 64, 2, 4)]
+    return [
+        triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_stages=s, num_warps=w)
+        for m, n, s, w in tiles
+    ]
+
+
+def _size_key(causal, *sizes):
+    # Autotune key: log2 buckets of T, S, P, D packed in one int (the kernels ignore it), plus causality:
+    # a new sequence length does not retune, a 16x longer one does.
+    return sum(int(s).bit_length() << (6 * i) for i, s in enumerate(sizes)) * 2 + int(causal)
+
+
+@functools.cache
+def _tuned(kernel_name):
+    kind = "fwd" if kernel_name in ("_fwd_kernel", "_dq_kernel") else "bwd"
+    return triton.autotune(configs=_gpu_configs(kind), key=["size_key"])(globals()[kernel_name])
+
+
+def _launch(kernel_name, grid_fn, args, meta, on_gpu):
+    if on_gpu and AUTOTUNE:
+        _tuned(kernel_name)[grid_fn](*args, **meta)
+    elif on_gpu:
+        globals()[kernel_name][grid_fn(_GPU_DEFAULT)](*args, **meta, **_GPU_DEFAULT)
+    else:
+        globals()[kernel_name][grid_fn(_INTERPRET_META)](*args, **meta, **_INTERPRET_META)
+
+
+def _precision(t: torch.Tensor) -> str:
+    # Applies to fp32 dots only (Triton ignores it for fp16/bf16): mirror torch's matmul setting.
+    return "tf32" if (t.is_cuda and torch.get_float32_matmul_precision() != "highest") else "ieee"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _mask_args(mask, dummy):
+    if mask is None:
+        return dummy, 0, 0
+    m = mask.view(torch.int8)  # bool -> int8 reinterpretation (same itemsize), no copy
+    return m, m.stride(0), m.stride(1)
+
+
+def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, lse):
+    """Fill ``out`` (B, Hq, T, D), any strides, and ``lse`` (B, Hq, T) fp32 contiguous.
+
+    q (B, Hq, T, D), k / v (B, Hkv, S, D), pk / pv (Hkv, P, D), mask (B, S) bool or None; all strided.
+    """
+    B, HQ, T, D = q.shape
+    S, P = k.shape[2], pk.shape[1]
+    on_gpu = q.is_cuda
+    m, smb, sms = _mask_args(mask, out)
+    args = (
+        q, k, v, pk, pv, m, out, lse,
+        T, S, P, D, HQ // k.shape[1],
+        *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), smb, sms, *out.stride(),
+        scale * _LOG2E, _size_key(causal, T, S, P, D),
+    )
+    meta = dict(CAUSAL=causal, HAS_MASK=mask is not None, UPCAST=not on_gpu and q.dtype != torch.float32,
+                PRECISION=_precision(q), BLOCK_D=_block_d(D))
+    grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
+    _launch("_fwd_kernel", grid, args, meta, on_gpu)
+
+
+def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: float, dq, dk, dv):
+    """Fill dq / dk / dv (strided like q / k / v) and return (dpk, dpv) fp32 (Hkv, P, D), summed over
+    the batch in a fixed order (deterministic)."""
+    B, HQ, T, D = q.shape
+    HKV, S, P = k.shape[1], k.shape[2], pk.shape[1]
+    on_gpu = q.is_cuda
+    upcast = not on_gpu and q.dtype != torch.float32
+    block_d = _block_d(D)
+    delta = torch.empty((B, HQ, T), device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(T, 64), HQ, B)](
+        o, do, delta, T, D, *o.stride(), *do.stride(), BLOCK_M=64, BLOCK_D=block_d,
+    )
+    m, smb, sms = _mask_args(mask, dq)
+    common = dict(CAUSAL=causal, HAS_MASK=mask is not None, UPCAST=upcast, PRECISION=_precision(q), BLOCK_D=block_d)
+    key = _size_key(causal, T, S, P, D)
+
+    def dkdv(keys, values, n_keys, dk_out, dv_out, prefix):
+        kb = 0 if prefix else keys.stride(0)  # the prefix is read by every batch element
+        vb = 0 if prefix else values.stride(0)
+        kh, ks, kd = keys.stride()[-3:]
+        vh, vs, vd = values.stride()[-3:]
+        args = (
+            q, keys, values, do, lse, delta, m, dk_out, dv_out,
+            T, S, n_keys, D, HQ // HKV, HQ,
+            *q.stride(), kb, kh, ks, kd, vb, vh, vs, vd, *do.stride(), smb, sms, *dk_out.stride(), *dv_out.stride(),
+            scale, scale * _LOG2E, key,
+        )
+        grid = lambda mt: (triton.cdiv(n_keys, mt["BLOCK_N"]), HKV, B)  # noqa: E731
+        _launch("_dkdv_kernel", grid, args, dict(PREFIX=prefix, **common), on_gpu)
+
+    dpk = torch.zeros((HKV, P, D), device=q.device, dtype=torch.float32)
+    dpv = torch.zeros_like(dpk)
+    if P > 0:
+        # per-batch-element partials, reduced by torch in a fixed order: deterministic, no atomics;
+        # (B, Hkv, P, D) fp32 is small next to q (P << T)
+        part_k = torch.empty((B, HKV, P, D), device=q.device, dtype=torch.float32)
+        part_v = torch.empty_like(part_k)
+        dkdv(pk, pv, P, part_k, part_v, True)
+        dpk, dpv = part_k.sum(0), part_v.sum(0)
+    if S > 0:
+        dkdv(k, v, S, dk, dv, False)
+    args = (
+        q, k, v, pk, pv, do, lse, delta, m, dq,
+        T, S, P, D, HQ // HKV,
+        *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *do.stride(), smb, sms, *dq.stride(),
+        scale, scale * _LOG2E, key,
+    )
+    grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
+    _launch("_dq_kernel", grid, args, common, on_gpu)
+    return dpk, dpv

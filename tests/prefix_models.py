@@ -1,0 +1,85 @@
+"""PEFT prompt-learning models on the tiny configs of tests/models.py, and PEFT-semantics oracles."""
+
+from __future__ import annotations
+
+import peft
+import torch
+import transformers as tf
+
+from tests import models as M
+
+N_VIRTUAL = 5
+PREFIX_FAMILIES = ("llama", "qwen2", "gpt2", "bert")
+
+
+def task_type(family: str) -> str:
+    return "SEQ_CLS" if family == "bert" else "CAUSAL_LM"
+
+
+def prefix_model(family: str, *, projection: bool = False, n_virtual: int = N_VIRTUAL, seed: int = 0, base=None):
+    """PREFIX_TUNING (projection=True: P-Tuning v2's MLP reparametrisation)."""
+    base = M.base_model(family, seed=seed) if base is None else base
+    cfg = peft.PrefixTuningConfig(task_type=task_type(family), num_virtual_tokens=n_virtual,
+                                  prefix_projection=projection, encoder_hidden_size=32)
+    torch.manual_seed(seed + 200)
+    return peft.get_peft_model(base, cfg)
+
+
+def prompt_model(family: str, kind: str, *, n_virtual: int = N_VIRTUAL, seed: int = 0):
+    """kind "prompt": PROMPT_TUNING; "p": P_TUNING (MLP prompt encoder)."""
+    base = M.base_model(family, seed=seed)
+    if kind == "prompt":
+        cfg = peft.PromptTuningConfig(task_type=task_type(family), num_virtual_tokens=n_virtual)
+    else:
+        cfg = peft.PromptEncoderConfig(task_type=task_type(family), num_virtual_tokens=n_virtual, encoder_hidden_size=32)
+    torch.manual_seed(seed + 300)
+    return peft.get_peft_model(base, cfg)
+
+
+def roberta_prefix_model():
+    """RoBERTa: padding-aware positions (offset by the prefix length, as its embeddings do with a cache)."""
+    cfg = tf.RobertaConfig(vocab_size=M.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           max_position_embeddings=64, num_labels=3, pad_token_id=1)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return prefix_model("bert", base=tf.RobertaForSequenceClassification(cfg))
+
+
+def mistral_sliding_window_prefix_model():
+    """A family the kernel cannot take (sliding-window attention): for the report's skip reasons."""
+    cfg = tf.MistralConfig(vocab_size=M.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=16)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return prefix_model("llama", base=tf.MistralForCausalLM(cfg))
+
+
+def peft_prefix_encoder_outputs(model, inputs):
+    """PEFT's prefix-tuning semantics on BERT / RoBERTa, which PEFT itself refuses ("Model does not
+    support past key values"): its own prefix cache (get_prompt), the mask extended by P ones, through
+    the encoder backbone (whose embeddings then shift positions by P), the classifier, cross-entropy."""
+    head = model.base_model
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    cache = model.get_prompt(ids.shape[0])
+    full_mask = torch.cat([mask.new_ones(ids.shape[0], model.active_peft_config.num_virtual_tokens), mask], dim=1)
+    if hasattr(head, "bert"):
+        out = head.bert(input_ids=ids, attention_mask=full_mask, past_key_values=cache)
+        logits = head.classifier(head.dropout(out.pooler_output))
+    else:  # RoBERTa's head reads the first token of the last hidden state
+        out = head.roberta(input_ids=ids, attention_mask=full_mask, past_key_values=cache)
+        logits = head.classifier(out.last_hidden_state)
+    return logits, torch.nn.functional.cross_entropy(logits, inputs["labels"])
+
+
+def logits_loss_grads(model, inputs, forward=None):
+    """Forward + backward; (logits, loss, {trainable name: grad}). ``forward`` overrides model(**inputs)."""
+    model.zero_grad(set_to_none=True)
+    if forward is None:
+        out = model(**inputs)
+        logits, loss = out.logits, out.loss
+    else:
+        logits, loss = forward(model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return logits.detach(), loss.detach(), grads

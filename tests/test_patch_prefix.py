@@ -1,0 +1,223 @@
+"""tunefast.patch on PEFT prompt-learning models: parity with PEFT, generate, gradient checkpointing,
+BERT prefix tuning, report, unpatch."""
+
+import copy
+
+import pytest
+import torch
+
+import tunefast
+from tests import models as M
+from tests import prefix_models as PM
+from tests.test_patch_lora import assert_rel_close
+from tunefast.patching import prefix as tp
+from tunefast.patching import registry
+
+
+def assert_parity(want, got):
+    (logits0, loss0, grads0), (logits1, loss1, grads1) = want, got
+    assert_rel_close(logits1, logits0, "logits")
+    assert_rel_close(loss1, loss0, "loss")
+    assert grads0.keys() == grads1.keys() and grads0
+    for name in grads0:
+        assert_rel_close(grads1[name], grads0[name], name)
+
+
+def peft_reference(model, inputs, family):
+    forward = PM.peft_prefix_encoder_outputs if family == "bert" else None  # PEFT refuses BERT: its own semantics
+    return PM.logits_loss_grads(model, inputs, forward)
+
+
+def test_registry_supports_model_handlers():
+    assert hasattr(registry, "register_model"), (
+        "tunefast.patching.registry needs register_model / model_handlers and patch()/unpatch() must call them "
+        "(the registry change described in the issue-3 report): prompt learning is patched per model"
+    )
+
+
+# The kernel runs (interpreter) on every family; the projection MLP only changes the prompt encoder, so
+# those cases run the reference backend (the interpreter costs ~4 s per tiny-model step).
+PARITY = [(f, proj, "triton" if not proj else "reference") for f in PM.PREFIX_FAMILIES for proj in (False, True)]
+
+
+@pytest.mark.parametrize("family,projection,backend", PARITY, ids=[f"{f}-{'proj' if p else 'emb'}-{b}" for f, p, b in PARITY])
+def test_prefix_tuning_parity_with_peft(family, projection, backend):
+    model = PM.prefix_model(family, projection=projection)
+    patched = copy.deepcopy(model)
+    report = tunefast.patch(patched, backend=backend)
+    assert len(report.patched) == 2 and not report.skipped, str(report)
+    assert all(e.kernel == f"prefix_attention[{backend}]" for e in report.patched)
+    inputs = M.batch(family)  # padded batch
+    assert_parity(peft_reference(model, inputs, family), PM.logits_loss_grads(patched, inputs))
+
+
+def test_roberta_parity_with_padding_aware_positions():
+    model = PM.roberta_prefix_model()
+    patched = copy.deepcopy(model)
+    report = tunefast.patch(patched, backend="reference")
+    assert len(report.patched) == 2, str(report)
+    inputs = M.batch("bert")
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, 1)  # RoBERTa's pad id
+    assert_parity(PM.logits_loss_grads(model, inputs, PM.peft_prefix_encoder_outputs), PM.logits_loss_grads(patched, inputs))
+
+
+def test_prefix_changes_the_output_at_all():
+    """Guards the parity tests: the prefix is not a no-op."""
+    model = PM.prefix_model("llama")
+    inputs = M.batch("llama")
+    with model.disable_adapter():
+        base = model(**inputs).logits
+    assert not torch.allclose(model(**inputs).logits, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("family,backend", [("llama", "triton"), ("gpt2", "reference")])
+def test_gradient_checkpointing_matches_peft_without_it(family, backend):
+    """PEFT fails here (the recompute pushes the prefix through the cache twice); patched, no cache is used."""
+    model = PM.prefix_model(family, projection=True)
+    patched = copy.deepcopy(model)
+    tunefast.patch(patched, backend=backend)
+    patched.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inputs = M.batch(family)
+    assert_parity(PM.logits_loss_grads(model, inputs), PM.logits_loss_grads(patched, inputs))
+
+
+def test_reentrant_checkpointing_gets_a_clear_error():
+    model = PM.prefix_model("llama")
+    tunefast.patch(model, backend="reference")
+    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant': False"):
+        model(**M.batch("llama"))
+
+
+@pytest.mark.parametrize("family,backend", [("llama", "triton"), ("gpt2", "reference")])
+def test_generate_matches_peft(family, backend):
+    model = PM.prefix_model(family)
+    model.eval()
+    patched = copy.deepcopy(model)
+    tunefast.patch(patched, backend=backend)
+    ids = torch.randint(3, M.VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding, as for generation
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    want, got = model.generate(**kw), patched.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tuning_trains_a_patched_bert():
+    """PEFT raises at the first forward ("Model does not support past key values"); patched, it trains."""
+    model = PM.prefix_model("bert")
+    tunefast.patch(model, backend="reference")  # the kernel's BERT parity is tested above
+    inputs = M.batch("bert", bsz=4, seq=8)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("kind", ["prompt", "p"])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_input_level_methods_keep_peft_path_with_a_reason(family, kind):
+    model = PM.prompt_model(family, kind)
+    patched = copy.deepcopy(model)
+    impl = patched.base_model.config._attn_implementation
+    report = tunefast.patch(patched)
+    assert not report.patched and len(report.skipped) == 1
+    assert report.skipped[0].name == "prompt_encoder.default"
+    assert "PEFT's path is kept" in report.skipped[0].reason
+    assert patched.base_model.config._attn_implementation == impl
+    inputs = M.batch(family)
+    (l0, loss0, g0), (l1, loss1, g1) = PM.logits_loss_grads(model, inputs), PM.logits_loss_grads(patched, inputs)
+    assert torch.equal(l0, l1) and torch.equal(loss0, loss1)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+def test_unpatch_restores_everything_and_patch_twice_is_a_noop():
+    model = PM.prefix_model("qwen2", projection=True)
+    model.eval()
+    inputs = M.batch("qwen2")
+    before = model(**inputs).logits
+    cls, impl = type(model), model.base_model.config._attn_implementation
+    first = tunefast.patch(model)
+    assert type(model) is not cls and model.base_model.config._attn_implementation == "tunefast_prefix_auto"
+    assert tunefast.patch(model) is first
+    tunefast.unpatch(model)
+    assert type(model) is cls and model.base_model.config._attn_implementation == impl
+    assert tp._STATE not in model.__dict__ and tunefast.get_report(model) is None
+    assert torch.equal(model(**inputs).logits, before)
+
+
+def test_disabled_adapter_runs_the_base_model():
+    model = PM.prefix_model("llama")
+    patched = copy.deepcopy(model)
+    tunefast.patch(patched, backend="triton")
+    inputs = M.batch("llama")  # right padding: every query sees a key
+    with model.disable_adapter(), patched.disable_adapter():
+        torch.testing.assert_close(patched(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_report_gives_reasons_when_the_model_cannot_be_patched(monkeypatch):
+    report = tunefast.patch(PM.mistral_sliding_window_prefix_model())
+    assert not report.patched and len(report.skipped) == 2
+    assert all("sliding_window=16" in e.reason for e in report.skipped)
+    # an attention module that does not call the attention interface blocks the whole model
+    real = tp._calls_attention_interface
+    monkeypatch.setattr(tp, "_calls_attention_interface", lambda cls: real(cls) and cls.__name__ != "GPT2Attention")
+    model = PM.prefix_model("gpt2")
+    impl = model.base_model.config._attn_implementation
+    report = tunefast.patch(model)
+    assert not report.patched and report.skipped
+    assert all("does not call transformers' attention interface" in e.reason for e in report.skipped), str(report)
+    assert model.base_model.config._attn_implementation == impl
+
+
+def test_attention_dropout_is_reported_and_runs_in_training():
+    base = M.base_model("bert")
+    for layer in base.bert.encoder.layer:
+        layer.attention.self.dropout.p = 0.1
+    model = PM.prefix_model("bert", base=base)
+    report = tunefast.patch(model, backend="reference")
+    assert all("attention dropout 0.1 runs unfused" in e.detail for e in report.patched)
+    model.train()
+    loss = model(**M.batch("bert")).loss
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_autocast_matches_peft_under_autocast():
+    model = PM.prefix_model("llama", projection=True)
+    patched = copy.deepcopy(model)
+    tunefast.patch(patched, backend="reference")
+    inputs = M.batch("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = model(**inputs), patched(**inputs)
+    assert got.logits.dtype == want.logits.dtype
+    torch.testing.assert_close(got.logits.float(), want.logits.float(), rtol=0.05, atol=0.05)
+
+
+def test_compile_patched_prefix_model():
+    model = PM.prefix_model("llama", projection=True)
+    tunefast.patch(model, backend="reference")
+    inputs = M.batch("llama")
+    eager = PM.logits_loss_grads(model, inputs)
+    compiled = torch.compile(model, backend="aot_eager")
+    logits, loss, _ = PM.logits_loss_grads(compiled, inputs)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert_parity(eager, (logits, loss, grads))
+
+
+def test_prefix_is_computed_once_not_per_batch_element():
+    """The prefix handed to the attention is one (L, 2, Hkv, P, D) view, whatever the batch size."""
+    model = PM.prefix_model("llama", projection=True)
+    tunefast.patch(model)
+    prefix = tp.layer_prefix(model)
+    cfg = model.active_peft_config
+    assert prefix.shape == (cfg.num_layers, 2, 2, cfg.num_virtual_tokens, 16)
+    assert prefix.untyped_storage().nbytes() == prefix.numel() * prefix.element_size()

@@ -1,0 +1,222 @@
+"""The prefix attention op against an fp64 oracle: Triton (interpreter) and reference backends.
+
+Shapes stay small: under the interpreter a 1x2x128x64 forward costs ~0.1 s.
+"""
+
+import pytest
+import torch
+
+from tests.tolerances import assert_close_to_oracle
+from tunefast.ops import prefix_attention as opa
+from tunefast.reference import prefix_attention as ref
+
+BACKENDS = ["triton", "reference"]
+
+
+def _make(b, hq, hkv, t, s, p, d, dtype, pad, device="cpu"):
+    kw = dict(device=device)
+    q = torch.randn(b, t, hq, d, **kw).transpose(1, 2).to(dtype)  # transformers' layout: a strided view
+    k, v = torch.randn(b, hkv, s, d, **kw).to(dtype), torch.randn(b, hkv, s, d, **kw).to(dtype)
+    pk, pv = torch.randn(hkv, p, d, **kw).to(dtype), torch.randn(hkv, p, d, **kw).to(dtype)
+    mask = None
+    if pad:
+        mask = torch.ones(b, s, dtype=torch.bool, device=device)
+        mask[0, -min(s, 3):] = False
+        if b > 1:
+            mask[-1, : s // 2] = False  # left padding on the last row
+    return [q, k, v, pk, pv], mask
+
+
+def _leaves(tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def _grads(out, g, leaves):
+    out.backward(g.to(out.dtype))
+    return [x.grad for x in leaves]
+
+
+CASES = [
+    # b, hq, hkv, t, s, p, d, causal, pad
+    pytest.param(2, 4, 2, 37, 37, 5, 16, True, True, id="gqa-causal-pad-odd"),
+    pytest.param(2, 2, 2, 33, 45, 7, 80, False, True, id="bidirectional-d80-s>t"),
+    pytest.param(1, 3, 1, 1, 17, 3, 32, True, False, id="mqa-decode-t1"),
+    pytest.param(2, 2, 1, 20, 29, 0, 32, True, True, id="p0-plain-flash"),
+    pytest.param(1, 2, 2, 40, 30, 11, 96, True, False, id="t>s-d96"),
+    pytest.param(1, 2, 1, 70, 70, 40, 64, True, True, id="multi-block-prefix"),
+]
+LOW_PRECISION = ["gqa-causal-pad-odd", "bidirectional-d80-s>t", "multi-block-prefix"]
+
+
+def _cases(dtypes):
+    for case in CASES:
+        for dtype in dtypes:
+            if dtype == torch.float32 or case.id in LOW_PRECISION:
+                yield pytest.param(*case.values, dtype, id=f"{case.id}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,hq,hkv,t,s,p,d,causal,pad,dtype", list(_cases([torch.float32, torch.float16, torch.bfloat16])))
+def test_forward_backward_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, dtype):
+    _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, dtype, "cpu")
+
+
+GPU_CASES = [
+    # b, hq, hkv, t, s, p, d, causal, pad: tile boundaries of the 64 x 64 GPU default config
+    pytest.param(2, 8, 2, 300, 300, 33, 128, True, True, id="gqa-causal-d128"),
+    pytest.param(1, 4, 4, 257, 513, 64, 80, False, True, id="bidirectional-d80"),
+    pytest.param(2, 4, 1, 1, 700, 256, 96, True, False, id="decode-p256-d96"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b,hq,hkv,t,s,p,d,causal,pad", GPU_CASES)
+def test_cuda_kernel_against_oracle(monkeypatch, b, hq, hkv, t, s, p, d, causal, pad, dtype):
+    from tunefast.kernels import prefix_attention as kpa
+
+    monkeypatch.setattr(kpa, "AUTOTUNE", False)  # one config: no autotuning compiles in the test budget
+    _check_against_oracle("triton", b, hq, hkv, t, s, p, d, causal, pad, dtype, "cuda")
+
+
+def _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, dtype, device):
+    tensors, mask = _make(b, hq, hkv, t, s, p, d, dtype, pad, device)
+    leaves = _leaves(tensors)
+    out = opa.prefix_attention(*leaves, causal=causal, key_padding_mask=mask, backend=backend)
+    oracle_leaves = _leaves(tensors, torch.float64)
+    oracle, oracle_lse = ref.forward(*oracle_leaves, causal, mask)
+    torch_leaves = _leaves(tensors)  # PyTorch's own computation in this dtype: concatenation + eager softmax
+    torch_out = ref.concat_attention(*torch_leaves, causal, mask)
+    g = torch.randn(out.shape, device=device).to(dtype).double()  # representable in dtype: same dy everywhere
+
+    assert out.dtype == dtype and out.shape == (b, hq, t, d)
+    assert out.transpose(1, 2).is_contiguous()  # the attention interface's (B, T, H, D) for free
+    assert_close_to_oracle(out, oracle, torch_out, "o")
+    grads = _grads(out, g, leaves)
+    want = ref.backward(g, *oracle_leaves, oracle, oracle_lse, causal, mask)
+    torch_grads = _grads(torch_out, g, torch_leaves)
+    for name, got, w, tg, x in zip(["dq", "dk", "dv", "dpk", "dpv"], grads, want, torch_grads, leaves):
+        assert got.shape == x.shape and got.dtype == x.dtype, name
+        if w.numel():  # P = 0: empty prefix gradients
+            assert_close_to_oracle(got, w, tg, name)
+
+
+def test_oracle_matches_autograd_of_the_concatenation():
+    """The reference backward (the oracle of every gradient above) against autograd, in fp64."""
+    tensors, mask = _make(2, 4, 2, 9, 12, 4, 8, torch.float64, True)
+    for causal in (True, False):
+        leaves = _leaves(tensors)
+        o, lse = ref.forward(*leaves, causal, mask)
+        torch.testing.assert_close(o, ref.concat_attention(*leaves, causal, mask), rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(o)
+        auto = torch.autograd.grad(ref.concat_attention(*leaves, causal, mask), leaves, g)
+        for a, r in zip(auto, ref.backward(g, *leaves, o, lse, causal, mask)):
+            torch.testing.assert_close(r, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_keys_give_zero_and_no_nan(backend):
+    """P = 0 and a fully padded batch row: output 0, gradients 0, nothing NaN (see the reference)."""
+    tensors, mask = _make(2, 2, 1, 6, 6, 0, 16, torch.float32, False)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    leaves = _leaves(tensors)
+    out = opa.prefix_attention(*leaves, causal=True, key_padding_mask=mask, backend=backend)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    out.sum().backward()
+    q, k, v, _, _ = leaves
+    assert torch.isfinite(q.grad).all() and q.grad[1].abs().max() == 0
+    assert k.grad[1].abs().max() == 0 and v.grad[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_changes_the_output_and_p0_is_plain_attention(backend):
+    tensors, mask = _make(2, 2, 2, 8, 8, 4, 16, torch.float32, True)
+    q, k, v, pk, pv = tensors
+    with_prefix = opa.prefix_attention(q, k, v, pk, pv, causal=True, key_padding_mask=mask, backend=backend)
+    empty = pk[:, :0]
+    plain = opa.prefix_attention(q, k, v, empty, empty, causal=True, key_padding_mask=mask, backend=backend)
+    assert not torch.allclose(with_prefix, plain, atol=1e-3)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None, None, :] & torch.ones(8, 8, dtype=torch.bool).tril()
+    )
+    torch.testing.assert_close(plain, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_gradient_is_deterministic_and_integer_masks_work():
+    tensors, mask = _make(3, 2, 1, 10, 10, 6, 16, torch.float32, True)
+    runs = []
+    for m in (mask, mask.to(torch.int64)):
+        leaves = _leaves(tensors)
+        opa.prefix_attention(*leaves, causal=True, key_padding_mask=m, backend="triton").sum().backward()
+        runs.append([x.grad for x in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_scale_is_used():
+    tensors, _ = _make(1, 2, 2, 5, 5, 2, 16, torch.float64, False)
+    out = opa.prefix_attention(*[t.float() for t in tensors], causal=False, scale=0.37, backend="triton")
+    want, _ = ref.forward(*tensors, False, None, 0.37)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _kw(**over):
+    kw = dict(q=torch.randn(2, 4, 5, 16), k=torch.randn(2, 2, 7, 16), v=torch.randn(2, 2, 7, 16),
+              prefix_k=torch.randn(2, 3, 16), prefix_v=torch.randn(2, 3, 16), causal=True)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(prefix_k=torch.randn(4, 3, 16), prefix_v=torch.randn(4, 3, 16)), ValueError, "prefix has 4 heads but k/v have 2"),
+        (dict(prefix_k=torch.randn(2, 3, 8), prefix_v=torch.randn(2, 3, 8)), ValueError, "prefix head dim is 8"),
+        (dict(prefix_v=torch.randn(2, 4, 16)), ValueError, "prefix_k .* and prefix_v .* same shape"),
+        (dict(prefix_k=torch.randn(2, 3, 16, dtype=torch.bfloat16)), TypeError, "prefix_k dtype torch.bfloat16 differs"),
+        (dict(q=torch.randn(2, 4, 5, 16, dtype=torch.float64)), TypeError, "q has dtype torch.float64"),
+        (dict(q=torch.randn(2, 3, 5, 16)), ValueError, "not a multiple"),
+        (dict(k=torch.randn(2, 2, 6, 16)), ValueError, "same shape"),
+        (dict(k=torch.randn(3, 2, 7, 16), v=torch.randn(3, 2, 7, 16)), ValueError, "do not fit q"),
+        (dict(prefix_k=torch.randn(2, 3, 16, device="meta")), ValueError, "meta tensor"),
+        (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"must be \(B, S\) = \(2, 7\)"),
+        (dict(key_padding_mask=torch.ones(2, 7)), TypeError, "additive float masks"),
+        (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")), ValueError, "meta"),
+        (dict(q=torch.randn(2, 4, 16)), ValueError, "q must be 4-D"),
+        (dict(causal=1), TypeError, "causal must be a bool"),
+        (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input_gets_clear_error(over, exc, match):
+    with pytest.raises(exc, match=match):
+        opa.prefix_attention(**_kw(**over))
+
+
+@pytest.mark.gpu
+def test_mismatched_devices_get_clear_error():
+    with pytest.raises(ValueError, match="prefix_k is on cpu but q is on cuda"):
+        opa.prefix_attention(**_kw(q=torch.randn(2, 4, 5, 16, device="cuda"), k=torch.randn(2, 2, 7, 16, device="cuda"),
+                                   v=torch.randn(2, 2, 7, 16, device="cuda"), prefix_v=torch.randn(2, 3, 16, device="cuda")))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    tensors, mask = _make(2, 4, 2, 5, 6, 3, 16, torch.float32, True)
+    leaves = _leaves(tensors)
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, None, False, 0.25, backend))
+
+
+def test_compile_fullgraph():
+    tensors, mask = _make(2, 4, 2, 6, 6, 3, 16, torch.float32, True)
+    q, k, v, pk, pv = _leaves(tensors)
+
+    def f(q):
+        return opa.prefix_attention(q, k, v, pk, pv, causal=True, key_padding_mask=mask, backend="auto")
+
+    eager = f(q)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q)
+    torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    assert pk.grad is not None and pv.grad is not None

@@ -1,0 +1,216 @@
+"""Prefix attention, registered with torch.library (fake + autograd), dispatching to Triton or the reference.
+
+    o = softmax(scale * q [pk | k]^T + mask) [pv | v]       (prefix pk / pv shared by the whole batch)
+
+Kept for backward: q, k, v, pk, pv, o and the (B, Hq, T) fp32 logsumexp (plus the (B, S) bool mask, an
+input). PEFT's concatenation keeps, per layer, B copies of the prefix in the concatenated K/V, the
+K/V repeated per query head for GQA, and (eager) the (B, Hq, T, P + S) probabilities.
+
+Two ops, as flash-attention does, so that ``torch.compile`` sees opaque forward and backward kernels:
+``tunefast::prefix_attention_fwd`` and ``tunefast::prefix_attention_bwd``. The public entry is
+:func:`prefix_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from ..reference import prefix_attention as ref
+from ._checks import check_same_device, check_tensor
+
+MAX_TRITON_HEAD_DIM = 256  # one (BLOCK, D) tile per operand in registers; beyond this use the reference
+
+
+def _empty_out(q: Tensor) -> Tensor:
+    # o is stored (B, T, Hq, D) and returned as a (B, Hq, T, D) view: the attention interface of
+    # transformers wants (B, T, Hq, D), which is then a free transpose instead of a copy.
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, h, d)).transpose(1, 2)
+
+
+@torch.library.custom_op("tunefast::prefix_attention_fwd", mutates_args=())
+def _prefix_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    out = _empty_out(q)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    if q.shape[2] == 0:
+        return out, lse
+    if _backend.resolve(backend, q.device) == "triton":
+        from ..kernels import prefix_attention as kpa
+
+        kpa.attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, out, lse)
+    else:
+        o, l = ref.forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+        out.copy_(o)
+        lse.copy_(l)
+    return out, lse
+
+
+@_prefix_attention_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend):
+    return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tunefast::prefix_attention_bwd", mutates_args=())
+def _prefix_attention_bwd(
+    grad_o: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are summed over the batch."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.shape[2] == 0:
+        return dq, dk.zero_(), dv.zero_(), prefix_k.new_zeros(prefix_k.shape), prefix_v.new_zeros(prefix_v.shape)
+    if _backend.resolve(backend, q.device) == "triton":
+        from ..kernels import prefix_attention as kpa
+
+        dpk, dpv = kpa.attention_backward(
+            grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, dq, dk, dv
+        )
+    else:
+        gq, gk, gv, dpk, dpv = ref.backward(grad_o, q, k, v, prefix_k, prefix_v, o, lse, causal, key_padding_mask, scale)
+        dq.copy_(gq)
+        dk.copy_(gk)
+        dv.copy_(gv)
+    return dq, dk, dv, dpk.to(prefix_k.dtype).contiguous(), dpv.to(prefix_v.dtype).contiguous()
+
+
+@_prefix_attention_bwd.register_fake
+def _(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, backend):
+    return (
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+        prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask)
+    ctx.static = (causal, scale, backend)
+
+
+def _backward(ctx, grad_o, _grad_lse):
+    q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask = ctx.saved_tensors
+    causal, scale, backend = ctx.static
+    grads = _prefix_attention_bwd(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, backend)
+    grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("tunefast::prefix_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention of ``q`` over a learned prefix shared by the batch followed by the sequence keys.
+
+    Args:
+        q: (B, Hq, T, D) queries, float32 / float16 / bfloat16, any strides.
+        k: (B, Hkv, S, D) sequence keys; Hq must be a multiple of Hkv (GQA / MQA: query head h reads
+            key head h // (Hq // Hkv); nothing is repeated).
+        v: (B, Hkv, S, D) sequence values.
+        prefix_k: (Hkv, P, D) prefix keys, shared by every batch element (never expanded); P may be 0.
+        prefix_v: (Hkv, P, D) prefix values.
+        causal: over the sequence keys, query t sees key s iff s <= t + S - T (the last query sees the
+            last key, as with a KV cache); False: every sequence key. Every query sees every prefix key.
+        key_padding_mask: (B, S) bool, True for a real key (or 0/1 integers); None: no padding.
+        scale: softmax scale, default 1 / sqrt(D).
+        backend: "auto", "triton" or "reference" (see tunefast.backend).
+
+    Returns:
+        (B, Hq, T, D) tensor of q's dtype (a transposed view of (B, T, Hq, D) storage, so that
+        ``out.transpose(1, 2)`` is contiguous). A query that sees no key at all (P = 0, every key
+        masked) gets 0 and passes no gradient. Gradients reach q, k, v and the prefix (summed over the batch).
+    """
+    key_padding_mask = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, backend)
+    return out
+
+
+def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend):
+    """Raise a clear error for bad arguments; return the key-padding mask as bool (or None)."""
+    _backend.check_backend_name(backend)
+    names = ("q", "k", "v", "prefix_k", "prefix_v")
+    tensors = (q, k, v, prefix_k, prefix_v)
+    for name, t, nd in zip(names, tensors, (4, 4, 4, 3, 3)):
+        check_tensor(t, name, ndim=nd)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    b, hq, t_len, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape (B, Hkv, S, D)")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}: expected (B={b}, Hkv, S, D={d})")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q has {hq} heads, not a multiple of k/v's {hkv} heads (GQA needs Hq % Hkv == 0)")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(f"prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} must have the same shape")
+    if prefix_k.shape[0] != hkv:
+        raise ValueError(
+            f"the prefix has {prefix_k.shape[0]} heads but k/v have {hkv}: the prefix is (Hkv, P, D), one per "
+            "key/value head (for GQA models PEFT sizes it with num_key_value_heads)"
+        )
+    if prefix_k.shape[2] != d:
+        raise ValueError(f"the prefix head dim is {prefix_k.shape[2]} but q/k/v have head dim {d}")
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}: cast it to the model's dtype")
+    check_same_device(list(zip(names, tensors)) + [("key_padding_mask", key_padding_mask)])
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if backend == "triton" and d > MAX_TRITON_HEAD_DIM:
+        raise ValueError(f"head dim {d} > {MAX_TRITON_HEAD_DIM} is not supported by the Triton kernel; use backend='reference'")
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.is_meta:
+        raise ValueError("key_padding_mask is a meta tensor (shape only, no data)")
+    if tuple(key_padding_mask.shape) != (b, k.shape[2]):
+        raise ValueError(
+            f"key_padding_mask must be (B, S) = ({b}, {k.shape[2]}) (True = a real key), got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
+        raise TypeError(
+            f"key_padding_mask has dtype {key_padding_mask.dtype}: pass a bool (or 0/1 integer) mask, True = a real "
+            "key; additive float masks are not supported"
+        )
+    return key_padding_mask != 0

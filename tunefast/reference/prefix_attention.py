@@ -1,0 +1,133 @@
+"""Plain-PyTorch math of prefix attention: the CPU path and the test oracle.
+
+Shapes (B batch, Hq query heads, Hkv key/value heads with Hq % Hkv == 0, T queries, S sequence keys,
+P prefix keys, D head dim):
+  q (B, Hq, T, D), k / v (B, Hkv, S, D), pk / pv (Hkv, P, D) shared by the whole batch,
+  key_padding_mask (B, S) bool (True = a real key) or None,
+  o (B, Hq, T, D), lse (B, Hq, T) float32 (natural log).
+
+Query t of head h sees every prefix key of head h // (Hq / Hkv), and sequence key s iff
+``key_padding_mask[b, s]`` and, when causal, s <= t + S - T (aligned so the last query sees the last key,
+as with a KV cache).
+
+Convention for a row that sees no key at all (only possible when P = 0, e.g. a causal query whose keys
+are all padding): its output is 0, its lse is +inf, and it gets and gives zero gradients. The kernel does
+the same (flash-attention's convention). Eager attention instead averages V over the masked keys; such
+rows are padding and never reach a loss.
+
+Everything is computed in float32 (float64 stays float64, for the oracle) and cast back to q's dtype.
+GQA is computed by grouping the query heads (B, Hkv, G, T, D); nothing is repeated per head or per
+batch element: the prefix broadcasts over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def visible(t_len: int, s_len: int, causal: bool, key_padding_mask, device) -> torch.Tensor | None:
+    """(B or 1, 1, 1, T, S) bool: which sequence keys each query sees (None: all of them)."""
+    allowed = None
+    if causal:
+        t = torch.arange(t_len, device=device)[:, None]
+        s = torch.arange(s_len, device=device)[None, :]
+        allowed = (s <= t + (s_len - t_len))[None, None, None]
+    if key_padding_mask is not None:
+        pad = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, None, :]
+        allowed = pad if allowed is None else allowed & pad
+    return allowed
+
+
+def _scores(q, k, v, pk, pv, causal, key_padding_mask, scale):
+    """Grouped inputs and the (B, Hkv, G, T, P + S) scaled, masked scores in the compute dtype."""
+    ct = _compute_dtype(q)
+    b, hq, t_len, d = q.shape
+    hkv, s_len = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qg = q.to(ct).reshape(b, hkv, g, t_len, d)
+    kc, vc = k.to(ct)[:, :, None], v.to(ct)[:, :, None]  # (B, Hkv, 1, S, D)
+    pkc, pvc = pk.to(ct)[None, :, None], pv.to(ct)[None, :, None]  # (1, Hkv, 1, P, D): batch broadcast
+    s_pre = (qg @ pkc.transpose(-1, -2)) * scale
+    s_seq = (qg @ kc.transpose(-1, -2)) * scale
+    allowed = visible(t_len, s_len, causal, key_padding_mask, q.device)
+    if allowed is not None:
+        s_seq = s_seq.masked_fill(~allowed, float("-inf"))
+    return qg, kc, vc, pkc, pvc, torch.cat([s_pre, s_seq], dim=-1)
+
+
+def forward(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale: float | None = None):
+    """Return (o (B, Hq, T, D) in q's dtype, lse (B, Hq, T) float32 (float64 for float64 inputs))."""
+    scale = default_scale(q) if scale is None else scale
+    b, hq, t_len, d = q.shape
+    p_len = pk.shape[1]
+    _, _, vc, _, pvc, scores = _scores(q, k, v, pk, pv, causal, key_padding_mask, scale)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows with no visible key: p = 0
+    probs = torch.exp(scores - lse)
+    o = probs[..., :p_len] @ pvc + probs[..., p_len:] @ vc
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return o.reshape(b, hq, t_len, d).to(q.dtype), lse.reshape(b, hq, t_len).to(lse_dtype)
+
+
+def backward(do, q, k, v, pk, pv, o, lse, causal: bool, key_padding_mask=None, scale: float | None = None):
+    """Return (dq, dk, dv, dpk, dpv), each of its input's shape and dtype; dpk/dpv summed over the batch."""
+    scale = default_scale(q) if scale is None else scale
+    b, hq, t_len, d = q.shape
+    hkv, p_len = k.shape[1], pk.shape[1]
+    g = hq // hkv
+    ct = _compute_dtype(q)
+    qg, kc, vc, pkc, pvc, scores = _scores(q, k, v, pk, pv, causal, key_padding_mask, scale)
+    probs = torch.exp(scores - lse.to(ct).reshape(b, hkv, g, t_len, 1))
+    dog = do.to(ct).reshape(b, hkv, g, t_len, d)
+    delta = (dog * o.to(ct).reshape(b, hkv, g, t_len, d)).sum(-1, keepdim=True)
+    p_pre, p_seq = probs[..., :p_len], probs[..., p_len:]
+    ds_pre = p_pre * (dog @ pvc.transpose(-1, -2) - delta)
+    ds_seq = p_seq * (dog @ vc.transpose(-1, -2) - delta)
+    dq = (ds_pre @ pkc + ds_seq @ kc) * scale
+    # sums over the query heads of a group (dim 2) and, for the prefix, over the batch (dim 0)
+    dk = (ds_seq.transpose(-1, -2) @ qg).sum(2) * scale
+    dv = (p_seq.transpose(-1, -2) @ dog).sum(2)
+    dpk = (ds_pre.transpose(-1, -2) @ qg).sum((0, 2)) * scale
+    dpv = (p_pre.transpose(-1, -2) @ dog).sum((0, 2))
+    return (
+        dq.reshape(b, hq, t_len, d).to(q.dtype),
+        dk.to(k.dtype),
+        dv.to(v.dtype),
+        dpk.to(pk.dtype),
+        dpv.to(pv.dtype),
+    )
+
+
+def default_scale(q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+def concat_attention(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale=None, dropout_p: float = 0.0):
+    """What PEFT computes: the prefix copied into every batch element, K/V repeated per query head,
+    explicit mask, softmax in float32 (transformers' eager attention). Differentiable by autograd.
+
+    Used as PyTorch's own low-precision result in tests, by the benchmark as the baseline, and by the
+    patched model for attention dropout (which the kernel does not do).
+    """
+    scale = default_scale(q) if scale is None else scale
+    b, hq, t_len, _ = q.shape
+    hkv, s_len, p_len = k.shape[1], k.shape[2], pk.shape[1]
+    g = hq // hkv
+    kk = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), k], dim=2).repeat_interleave(g, dim=1)
+    vv = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), v], dim=2).repeat_interleave(g, dim=1)
+    scores = (q @ kk.transpose(-1, -2)) * scale
+    allowed = visible(t_len, s_len, causal, key_padding_mask, q.device)
+    if allowed is not None:
+        allowed = allowed[:, :, 0]  # (B or 1, 1, T or 1, S)
+        allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], p_len), allowed], dim=-1)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(q)).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    return probs @ vv
