@@ -13,6 +13,7 @@ holds the plain-PyTorch math every kernel is tested against; csrc/ the native C+
 
 from .backend import BACKENDS, BackendUnavailableError
 from .ops.lora import lora_linear
+from .ops.prefix_attention import prefix_attention
 from .ops.routed_lora import routed_lora_linear
 from .patching import get_report, patch, unpatch
 from .patching.report import PatchedEntry, PatchReport, SkippedEntry
@@ -30,6 +31,7 @@ __all__ = [
     "get_report",
     "lora_linear",
     "patch",
+    "prefix_attention",
     "route",
     "routed_lora_linear",
     "side",

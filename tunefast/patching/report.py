@@ -22,7 +22,9 @@ class SkippedEntry:
     reason: str
 
 
-# Call-time conditions under which a patched layer runs the original (PEFT) forward, unchanged.
+LORA_KERNELS = ("lora_linear", "dora_linear", "qlora_linear")
+
+# Call-time conditions under which a patched LoRA layer runs the original (PEFT) forward, unchanged.
 RUNTIME_FALLBACKS = (
     "adapters merged into the base weight, or disabled (model.disable_adapter())",
     "mixed-adapter batches whose adapters use DoRA or lora_bias (others take the routed op)",
@@ -55,8 +57,8 @@ class PatchReport:
             w1 = max(len(r[1]) for r in rows)
             lines.append(f"  {'status':8} {'module':{w1}}  kernel / reason")
             lines += [f"  {s:8} {n:{w1}}  {k}" for s, n, k in rows]
-        if self.patched:
-            lines.append("  patched layers run PEFT's own forward at call time for:")
+        if any(e.kernel.split("[")[0] in LORA_KERNELS for e in self.patched):
+            lines.append("  patched LoRA layers run PEFT's own forward at call time for:")
             lines += [f"    - {c}" for c in RUNTIME_FALLBACKS]
         return "\n".join(lines)
 
