@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .dropout import philox_keep
+from .tuning import autotune_enabled
 
 
 @triton.jit
@@ -219,9 +220,16 @@ def _tuned(kernel_name):
     )(kernel)
 
 
+# The fixed GPU config when autotuning is off (TUNEFAST_AUTOTUNE=0): a mid-size tile that fits every
+# shape here (narrow rank outputs are masked), 4 warps, 3 stages.
+_GPU_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
+
+
 def _launch(kernel_name, grid_fn, args, meta, on_gpu):
-    if on_gpu:
+    if on_gpu and autotune_enabled():
         _tuned(kernel_name)[grid_fn](*args, **meta)
+    elif on_gpu:
+        globals()[kernel_name][grid_fn(_GPU_META)](*args, **meta, **_GPU_META, num_warps=4, num_stages=3)
     else:
         kernel = globals()[kernel_name]
         kernel[grid_fn(_INTERPRET_META)](*args, **meta, **_INTERPRET_META)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import autotune_enabled
+
 _LOG2E = 1.4426950408889634
 
 
@@ -366,7 +368,7 @@ def _tuned(kernel_name):
 
 
 def _launch(kernel_name, grid_fn, args, meta, on_gpu):
-    if on_gpu and AUTOTUNE:
+    if on_gpu and AUTOTUNE and autotune_enabled():
         _tuned(kernel_name)[grid_fn](*args, **meta)
     elif on_gpu:
         globals()[kernel_name][grid_fn(_GPU_DEFAULT)](*args, **meta, **_GPU_DEFAULT)

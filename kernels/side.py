@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .lora import dropout_matmul  # dW = dp^T h: a plain matmul with split-K over tokens
+from .tuning import autotune_enabled
 
 MAX_SIDE_WIDTH = 1024
 PART_ROWS = 16  # rows per partial-sum slice in the backward (the smallest BLOCK_M)
@@ -223,18 +224,19 @@ def _prune(configs, named_args, budget, **kwargs):
 
 
 @functools.cache
-def _tuned(kernel_name):
+def _tuned(kernel_name, search=True):
+    """The autotuned kernel; with ``search`` False only the first config that fits runs (no timing)."""
     budget = 16384 if kernel_name == "_ladder_merge_fwd_kernel" else 8192
     prune = functools.partial(_prune, budget=budget)
-    return triton.autotune(configs=_gpu_configs(), key=["size_key"], prune_configs_by={"early_config_prune": prune})(
-        globals()[kernel_name]
-    )
+    first = lambda configs, named_args, **kw: prune(configs, named_args, **kw)[:1]  # noqa: E731
+    return triton.autotune(configs=_gpu_configs(), key=["size_key"],
+                           prune_configs_by={"early_config_prune": prune if search else first})(globals()[kernel_name])
 
 
 def _launch(kernel_name, M, args, meta, on_gpu):
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)  # noqa: E731
     if on_gpu:
-        _tuned(kernel_name)[grid](*args, **meta)
+        _tuned(kernel_name, autotune_enabled())[grid](*args, **meta)
     else:
         globals()[kernel_name][grid(_INTERPRET_META)](*args, **meta, **_INTERPRET_META)
 
