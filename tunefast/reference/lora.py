@@ -73,9 +73,9 @@ def backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds,
         dxa = (dyl @ b).mul_(s)
         if p > 0.0 and need_da and need_dx:
             # Both gradients need the mask: draw it once (one Philox pass instead of two).
-            mask = keep_mask(x2d.shape, seed, p, x2d.device).to(a.dtype).mul_(rd.keep_scale(p))
+            mask = keep_mask(x2d.shape, seed, p, x2d.device) * torch.tensor(rd.keep_scale(p), dtype=a.dtype)
             das.append(dxa.t() @ (x2d.to(a.dtype) * mask))
-            dx.add_((dxa @ a).mul_(mask))
+            dx.addcmul_(dxa @ a, mask)  # one pass: multiply and accumulate
             continue
         if need_da:
             das.append(dxa.t() @ apply_dropout(x2d.to(a.dtype), seed, p))
