@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 
 #include "dropout.h"
+#include "sparse.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -23,6 +24,16 @@ PYBIND11_MODULE(_C, m) {
     m.def("dropout_add", &tunefast::cpu::dropout_add, nogil, "dst_ptr"_a, "src_ptr"_a, "rows"_a,
           "cols"_a, "dtype_code"_a, "seed"_a, "threshold"_a, "scale"_a, "row_start"_a = 0,
           "dst += keep * src * scale, in place; dtype_code as in dropout_apply.");
+    m.def("sparse_sddmm", &tunefast::cpu::sparse_sddmm, nogil, "dy_ptr"_a, "x_ptr"_a, "indices_ptr"_a,
+          "row_ptr_ptr"_a, "out_ptr"_a, "M"_a, "N"_a, "K"_a, "nnz"_a, "dtype_code"_a,
+          "out (nnz,) fp32 = (dy^T x) at the delta's entries; dy (M, N), x (M, K). See csrc/sparse.h.");
+    m.def("sparse_spmm", &tunefast::cpu::sparse_spmm, nogil, "out_ptr"_a, "inp_ptr"_a, "seg_ptr_ptr"_a,
+          "gather_ptr"_a, "values_ptr"_a, "perm_ptr"_a, "M"_a, "S"_a, "G"_a, "nnz"_a, "transposed"_a,
+          "io_dtype"_a, "value_dtype"_a,
+          "out (M, S) += inp (M, G) times the delta (CSR) or its transpose (CSC). See csrc/sparse.h.");
+    m.def("sparse_scatter_add", &tunefast::cpu::sparse_scatter_add, nogil, "weight_ptr"_a, "stride_r"_a,
+          "stride_c"_a, "indices_ptr"_a, "values_ptr"_a, "saved_ptr"_a, "N"_a, "K"_a, "nnz"_a,
+          "weight_dtype"_a, "value_dtype"_a, "saved[k] = w[k-th entry]; w[entry] = round(w + values[k]).");
 #ifdef _OPENMP
     m.attr("openmp") = true;
     m.def("max_threads", [] { return omp_get_max_threads(); });

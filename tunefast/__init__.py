@@ -19,6 +19,8 @@ from .patching import get_report, patch, unpatch
 from .patching.report import PatchedEntry, PatchReport, SkippedEntry
 from .routing import route
 from .methods import side  # memory-saving side tuning: tunefast.side.SideConfig / apply / save / load
+from .methods import sparse  # sparse fine-tuning: tunefast.sparse.SparseConfig / apply / save / load / merge
+from .ops.sparse import sparse_linear
 
 __version__ = "0.1.0"
 
@@ -35,5 +37,7 @@ __all__ = [
     "route",
     "routed_lora_linear",
     "side",
+    "sparse",
+    "sparse_linear",
     "unpatch",
 ]

@@ -1,6 +1,7 @@
 """tunefast-native fine-tuning methods, one folder each (config, model, save/load):
 
     side/    memory-saving side tuning: a small ladder side network on the no-grad backbone's hidden states
+    sparse/  sparse fine-tuning: trainable sparse weight deltas (SDDMM gradients), merge / unmerge, composition
 
-Imported on demand (``from tunefast.methods import side``); nothing here is loaded with ``import tunefast``.
+Both are exported as ``tunefast.side`` and ``tunefast.sparse``.
 """

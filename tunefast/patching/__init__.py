@@ -10,12 +10,14 @@ from .. import backend as _backend
 from . import lora as _lora
 from . import qlora as _qlora
 from . import prefix as _prefix
+from . import sparse as _sparse
 from .registry import Patch, handler_for, is_patched, model_handlers, swap_in, swap_out
 from .report import PatchedEntry, PatchReport, SkippedEntry
 
 _lora.register_handlers()
 _qlora.register_handlers()
 _prefix.register_handlers()
+_sparse.register_handlers()
 
 _REPORT_ATTR = "_tunefast_report"
 
