@@ -34,7 +34,9 @@ def check_same_device(pairs) -> None:
             raise ValueError(f"{name} is on {t.device} but {name0} is on {t0.device}: move them to one device")
 
 
-def check_lora_args(x, weight, bias, lora_a, lora_b, scalings, dropout_p, backend) -> None:
+def check_linear_args(x, weight, bias, backend, trains: str) -> tuple[int, int]:
+    """Checks shared by the ops on a frozen linear base: x (*, K), weight (N, K), bias (N,). ``trains``
+    names what the op trains instead of the weight (for the frozen-weight error). Returns (N, K)."""
     _backend.check_backend_name(backend)
     check_tensor(x, "x", min_ndim=1)
     check_tensor(weight, "weight", ndim=2)
@@ -43,8 +45,8 @@ def check_lora_args(x, weight, bias, lora_a, lora_b, scalings, dropout_p, backen
         raise ValueError(f"x has {x.shape[-1]} features but weight expects {n_in} (weight shape {tuple(weight.shape)})")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
-            "weight requires grad: the fused LoRA op trains only the adapters and never forms the base "
-            "weight's gradient; freeze it (weight.requires_grad_(False)) or use PEFT's unfused layer"
+            f"weight requires grad: this op trains only {trains} and never forms the dense weight's "
+            "gradient; freeze it (weight.requires_grad_(False))"
         )
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}: cast x to the base layer's dtype")
@@ -52,6 +54,11 @@ def check_lora_args(x, weight, bias, lora_a, lora_b, scalings, dropout_p, backen
         check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != n_out:
             raise ValueError(f"bias has {bias.shape[0]} entries, expected out_features={n_out}")
+    return n_out, n_in
+
+
+def check_lora_args(x, weight, bias, lora_a, lora_b, scalings, dropout_p, backend) -> None:
+    n_out, n_in = check_linear_args(x, weight, bias, backend, "the adapters")
     n = len(lora_a)
     if n == 0:
         raise ValueError("lora_a is empty: at least one adapter is needed")

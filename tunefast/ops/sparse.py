@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import _native
 from .. import backend as _backend
 from ..reference import sparse as ref
-from ._checks import check_same_device, check_tensor
+from ._checks import check_linear_args, check_same_device, check_tensor
 
 _INT32_MAX = 2**31 - 1
 
@@ -275,25 +275,9 @@ def _backward(impl, dy2d, x2d, weight, values, structs, need_dx, need_dv):
 
 
 def _check_args(x, weight, bias, values, structs, backend) -> None:
-    _backend.check_backend_name(backend)
-    check_tensor(x, "x", min_ndim=1)
-    check_tensor(weight, "weight", ndim=2)
-    n_out, n_in = weight.shape
-    if x.shape[-1] != n_in:
-        raise ValueError(f"x has {x.shape[-1]} features but weight expects {n_in} (weight shape {tuple(weight.shape)})")
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "weight requires grad: the sparse-delta op trains only the deltas' values and never forms the "
-            "dense weight's gradient; freeze it (weight.requires_grad_(False))"
-        )
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}: cast x to the layer's dtype")
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1)
-        if bias.shape[0] != n_out:
-            raise ValueError(f"bias has {bias.shape[0]} entries, expected out_features={n_out}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+    n_out, n_in = check_linear_args(x, weight, bias, backend, "the deltas' values")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
     if len(values) != len(structs):
         raise ValueError(f"{len(values)} values tensors for {len(structs)} index structures")
     for i, (v, st) in enumerate(zip(values, structs)):
