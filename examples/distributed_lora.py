@@ -1,4 +1,5 @@
-"""Train a tunefast-patched PEFT LoRA model under DDP or FSDP2 — on CPU (gloo) or GPUs (nccl).
+"""Train a tunefast model (patched PEFT LoRA or prefix tuning, sparse deltas, a side network) under DDP or
+FSDP2 — on CPU (gloo) or GPUs (nccl).
 
     torchrun --nproc_per_node 2 examples/distributed_lora.py --strategy ddp
     torchrun --nproc_per_node 2 examples/distributed_lora.py --strategy fsdp2 [--bf16]
@@ -19,18 +20,29 @@ import torch
 import torch.distributed as dist
 
 
-def tiny_lora_model(seed: int = 0, dropout: float = 0.0):
-    """A tiny Llama with PEFT LoRA on all linear layers (random B so LoRA matters)."""
+def tiny_model(method: str = "lora", seed: int = 0):
+    """A tiny Llama fine-tuned with ``method``: "lora" (PEFT LoRA on all linear layers, random B so LoRA
+    matters), "prefix" (PEFT prefix tuning), "sparse" (tunefast sparse deltas, 5%) or "side" (a
+    tunefast ladder side network)."""
     import peft
     import transformers as tf
+
+    import tunefast
 
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     base = tf.LlamaForCausalLM(cfg)
-    lcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
-                           init_lora_weights=False, task_type="CAUSAL_LM")
-    return peft.get_peft_model(base, lcfg)
+    if method == "lora":
+        return peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                         init_lora_weights=False, task_type="CAUSAL_LM"))
+    if method == "prefix":
+        return peft.get_peft_model(base, peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    if method == "sparse":
+        return tunefast.sparse.apply(base, tunefast.sparse.SparseConfig(density=0.05, target_modules="all-linear", seed=0))
+    if method == "side":
+        return tunefast.side.apply(base, tunefast.side.SideConfig(reduction_factor=8))
+    raise ValueError(f"method must be lora, prefix, sparse or side, got {method!r}")
 
 
 def global_batches(steps: int, micro: int, global_bsz: int = 4, seq: int = 16, seed: int = 1):
@@ -50,8 +62,10 @@ def wrap(model, strategy: str, bf16: bool):
     if strategy == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for layer in model.base_model.model.model.layers:
+        for layer in [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
@@ -61,14 +75,14 @@ def wrap(model, strategy: str, bf16: bool):
 
 
 def train(rank: int, world: int, strategy: str, steps: int = 3, micro: int = 2, bf16: bool = False,
-          backend: str = "reference", patch: str = "before", lr: float = 1e-2):
+          backend: str = "reference", patch: str = "before", lr: float = 1e-2, method: str = "lora"):
     """Run ``steps`` optimizer steps of ``micro`` accumulated micro-batches; returns (losses, grads of
     the first step as full tensors by parameter name, final trainable params). ``patch``: "before"
     or "after" wrapping, or "no"."""
     import tunefast
 
-    model = tiny_lora_model()
-    if patch == "before":
+    model = tiny_model(method)
+    if patch == "before" and method in ("lora", "prefix"):  # sparse and side models are tunefast's own
         tunefast.patch(model, backend=backend)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     wrapped = wrap(model, strategy, bf16)
@@ -121,6 +135,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--bf16", action="store_true", help="FSDP2 mixed precision: bf16 params, fp32 reduce")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--method", choices=["lora", "prefix", "sparse", "side"], default="lora")
     args = p.parse_args()
     if "RANK" not in os.environ:  # started as a plain script (or `accelerate launch --cpu`): one process
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
@@ -129,7 +144,8 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         torch.set_default_device("cuda")
-    losses, _, _ = train(rank, world, args.strategy, steps=args.steps, bf16=args.bf16, backend=args.backend)
+    losses, _, _ = train(rank, world, args.strategy, steps=args.steps, bf16=args.bf16, backend=args.backend,
+                         method=args.method)
     if rank == 0:
         for i, loss in enumerate(losses):
             print(f"step {i + 1}: loss {loss:.5f}")

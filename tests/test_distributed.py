@@ -43,6 +43,7 @@ JOBS = {
     "fsdp2-bf16": dict(strategy="fsdp2", bf16=True, steps=1, micro=1),
     "ddp-patch-after-wrap": dict(strategy="ddp", patch="after", steps=1, micro=1),
     "fsdp2-patch-after-wrap": dict(strategy="fsdp2", patch="after", steps=1, micro=1),
+    **{f"{s}-{m}": dict(strategy=s, method=m, steps=2, micro=2) for s in ("ddp", "fsdp2") for m in ("prefix", "sparse", "side")},
 }
 
 
@@ -53,14 +54,15 @@ def distributed_results(tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("key", ["ddp", "fsdp2", "fsdp2-triton", "ddp-patch-after-wrap", "fsdp2-patch-after-wrap"])
+@pytest.mark.parametrize("key", ["ddp", "fsdp2", "fsdp2-triton", "ddp-patch-after-wrap", "fsdp2-patch-after-wrap",
+                                 *(f"{s}-{m}" for s in ("ddp", "fsdp2") for m in ("prefix", "sparse", "side"))])
 def test_two_ranks_equal_one_process(distributed_results, key):
     kw = {k: v for k, v in JOBS[key].items() if k not in ("strategy", "patch")}
     want_losses, want_grads, want_params = ex.train(0, 1, "single", **kw)
     losses, grads, params = distributed_results[key]
     for a, b in zip(losses, want_losses):
         assert abs(a - b) <= 1e-5 * abs(b), (losses, want_losses)
-    assert grads.keys() == want_grads.keys() and len(grads) > 10
+    assert grads.keys() == want_grads.keys() and len(grads) >= 1
     for n in want_grads:
         assert _rel(grads[n], want_grads[n]) <= 1e-5, n
         assert _rel(params[n], want_params[n]) <= 1e-5, n

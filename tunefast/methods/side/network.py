@@ -66,8 +66,8 @@ class Rung(nn.Module):
     def __init__(self, hidden: int, width: int, *, gated: bool, block: bool, config, dtype, device):
         super().__init__()
         self.down = nn.Linear(hidden, width, dtype=dtype, device=device)
-        alpha = torch.full((), float(config.gate_init), dtype=torch.float32, device=device)
-        self.gate = nn.Parameter(alpha) if gated else None  # g = sigmoid(alpha / T), a scalar per rung
+        alpha = torch.full((1,), float(config.gate_init), dtype=torch.float32, device=device)
+        self.gate = nn.Parameter(alpha) if gated else None  # g = sigmoid(alpha / T), one per rung (1-D: FSDP2 shards no 0-D parameter)
         norm_cls = nn.RMSNorm if config.norm == "rmsnorm" else nn.LayerNorm
         self.norm = norm_cls(width, eps=config.eps, dtype=dtype, device=device)
         mlp = int(round(config.mlp_ratio * width))
