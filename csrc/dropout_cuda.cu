@@ -8,25 +8,14 @@
 
 #include <algorithm>
 
+#include "dtypes_cuda.cuh"
 #include "dropout.h"
 #include "philox.h"
 
 namespace tunefast {
 namespace {
 
-template <typename T> struct Io;
-template <> struct Io<float> {
-    static __device__ float load(float v) { return v; }
-    static __device__ float store(float v) { return v; }
-};
-template <> struct Io<__half> {
-    static __device__ float load(__half v) { return __half2float(v); }
-    static __device__ __half store(float v) { return __float2half_rn(v); }
-};
-template <> struct Io<__nv_bfloat16> {
-    static __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-    static __device__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda_dtypes::Io;  // csrc/dtypes_cuda.cuh
 
 __global__ void keep_mask_kernel(uint8_t* out, uint64_t n, uint64_t first_offset, uint64_t seed,
                                  uint64_t threshold) {

@@ -15,24 +15,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "dtypes_cuda.cuh"
 #include "sparse.h"
 
 namespace tunefast {
 namespace {
 
-template <typename T> struct Io;
-template <> struct Io<float> {
-    static __device__ float load(float v) { return v; }
-    static __device__ float store(float v) { return v; }
-};
-template <> struct Io<__half> {
-    static __device__ float load(__half v) { return __half2float(v); }
-    static __device__ __half store(float v) { return __float2half_rn(v); }
-};
-template <> struct Io<__nv_bfloat16> {
-    static __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-    static __device__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
+using cuda_dtypes::Io;  // csrc/dtypes_cuda.cuh
 
 template <typename T>
 __global__ void sddmm_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int64_t* __restrict__ idx,
