@@ -1,23 +1,31 @@
-"""``patch`` / ``unpatch``: one walk over the model, handlers by module type (see registry.py)."""
+"""``patch`` / ``unpatch``: one walk over the model, handlers by module type (see registry.py).
+
+Every module of this package that defines ``register_handlers()`` is imported and registered here, in
+name order: a new handler is a new file, with nothing else to edit.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import warnings
 
 from torch import nn
 
 from .. import backend as _backend
-from . import lora as _lora
-from . import qlora as _qlora
-from . import prefix as _prefix
-from . import sparse as _sparse
 from .registry import Patch, handler_for, is_patched, model_handlers, swap_in, swap_out
 from .report import PatchedEntry, PatchReport, SkippedEntry
 
-_lora.register_handlers()
-_qlora.register_handlers()
-_prefix.register_handlers()
-_sparse.register_handlers()
+
+def _register_all_handlers() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(module, "register_handlers", None)
+        if callable(register):
+            register()
+
+
+_register_all_handlers()
 
 _REPORT_ATTR = "_tunefast_report"
 
