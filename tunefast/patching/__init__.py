@@ -13,6 +13,7 @@ import warnings
 from torch import nn
 
 from .. import backend as _backend
+from . import state as _state
 from .registry import Patch, handler_for, is_patched, model_handlers, swap_in, swap_out
 from .report import PatchedEntry, PatchReport, SkippedEntry
 
@@ -27,9 +28,6 @@ def _register_all_handlers() -> None:
 
 _register_all_handlers()
 
-_REPORT_ATTR = "_tunefast_report"
-
-
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -38,10 +36,20 @@ def _check_model(model) -> None:
         )
 
 
-def _model_device(model: nn.Module):
+def _model_device(model):
     for p in model.parameters():
         return p.device
     return None
+
+
+def _current(model: nn.Module) -> _state.PatchState | None:
+    """The model's patch state, or None when it has none or it went stale: a patch of an enclosing (or
+    nested) model took its modules over, and that patch's unpatch removed them."""
+    state = _state.root_state(model)
+    if state is not None and state.n_swapped and not _state.owns_any_module(state, model):
+        model.__dict__.pop(_state.ROOT_KEY, None)
+        return None
+    return state
 
 
 def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
@@ -55,18 +63,20 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
     Returns:
         A :class:`PatchReport` listing each patched module with its kernel and each skipped one with
         the reason. Patching an already patched model with the same backend is a no-op that returns
-        the same report; :func:`unpatch` restores the original modules exactly.
+        the same report; :func:`unpatch` restores the original modules exactly. Patching a model that
+        contains (or is contained in) a separately patched model takes those modules over: one
+        ``unpatch`` of either then leaves nothing patched, and the other's report is dropped.
     """
     _check_model(model)
     _backend.check_backend_name(backend)
-    previous = model.__dict__.get(_REPORT_ATTR)  # not getattr: PeftModel forwards unknown attributes
+    previous = _current(model)
     if previous is not None:
         if previous.backend != backend:
             raise ValueError(
                 f"model is already patched with backend={previous.backend!r}; call tunefast.unpatch(model) "
                 f"before patching with backend={backend!r}"
             )
-        return previous
+        return previous.report
     device = _model_device(model)
     if backend == "triton" and device is not None:
         _backend.resolve("triton", device)  # raises BackendUnavailableError with the reason
@@ -89,7 +99,12 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
             report.skipped.append(SkippedEntry(name, decision.reason))
     if not report.patched and not report.skipped:
         warnings.warn("tunefast.patch found no PEFT layers in this model; nothing was changed", stacklevel=2)
-    model.__dict__[_REPORT_ATTR] = report
+    state = _state.PatchState(backend, report)
+    swapped = [m for m in model.modules() if is_patched(m)]
+    state.n_swapped = len(swapped)
+    for m in model.modules():  # nested roots patched on their own: their modules are this patch's now
+        m.__dict__.pop(_state.ROOT_KEY, None)
+    _state.attach(state, model, swapped)
     return report
 
 
@@ -101,10 +116,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if is_patched(module):
             swap_out(module)
-    model.__dict__.pop(_REPORT_ATTR, None)
+    _state.unwrap_checkpointing(model)
+    _state.detach_all(model)
     return model
 
 
 def get_report(model: nn.Module) -> PatchReport | None:
     """The report of the patch currently applied to ``model``, or None."""
-    return model.__dict__.get(_REPORT_ATTR)
+    state = _current(model)
+    return state.report if state is not None else None

@@ -13,9 +13,9 @@ from torch import nn
 from .. import backend as _backend
 from ..ops.lora import lora_linear
 from ..ops.routed_lora import routed_lora_linear
-from ..routing import current_routing
 from ..ops._checks import SUPPORTED_DTYPES
 from .registry import Patch, Skip, register
+from .state import layer_state
 
 try:  # GPT-2 style Conv1D (weight stored (in_features, out_features))
     from transformers.pytorch_utils import Conv1D
@@ -48,8 +48,42 @@ def _dropout_p(module: nn.Module) -> float | None:
     return None
 
 
+def wrapper_chain(module: nn.Module) -> list[str]:
+    """Type names of the wrappers between a PEFT layer and the layer holding the weight (e.g.
+    ["SparseLinear"] when tunefast sparse deltas wrap the base): PEFT's ``get_base_layer()`` skips them,
+    so a fused op reading its weight would silently drop what they add."""
+    chain, inner = [], module.base_layer
+    while hasattr(inner, "base_layer"):
+        chain.append(type(inner).__name__)
+        inner = inner.base_layer
+    return chain
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def peft_forward_needed(self, x) -> bool:
+    """Call-time reasons for a patched LoRA layer to run PEFT's own forward, unchanged: hooks on its
+    adapter submodules (they fire only where those modules are called: activation capture, pruning and
+    probing tools), or meta tensors (shape-only runs: the op's kernels need data; PEFT's forward
+    propagates shapes)."""
+    if getattr(x, "is_meta", False) or self.get_base_layer().weight.is_meta:
+        return True
+    for a in self.active_adapters:
+        for part in (self.lora_A, self.lora_B, self.lora_dropout):
+            if a in part and _hooked(part[a]):
+                return True
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or nn.modules.module._global_backward_hooks)
+
+
 def decide(module, backend: str):
     base = module.get_base_layer()
+    chain = wrapper_chain(module)
+    if chain:
+        return Skip(f"base is wrapped ({' -> '.join(chain)} -> {type(base).__name__}): LoRA runs PEFT's forward "
+                    "over the wrapper's own (patched) forward")
     if _transposed_storage(base) is None:
         return Skip(f"LoRA on a {type(base).__name__} base is not accelerated yet")
     variants = {a: type(v).__name__ for a, v in module.lora_variant.items() if a in module.lora_A}
@@ -93,7 +127,7 @@ def _base(self):
     base = self.get_base_layer()
     transposed = _transposed_storage(base)
     weight = base.weight
-    if transposed is None or (weight.requires_grad and torch.is_grad_enabled()):
+    if transposed is None or (weight.requires_grad and torch.is_grad_enabled()) or base is not self.base_layer:
         return None
     return (weight.t() if transposed else weight), getattr(base, "bias", None)
 
@@ -170,21 +204,47 @@ def _routed_call(self, x, names, adapter_ids):
                                   backend=self._tunefast_backend)
 
 
+def routable(self, adapters) -> str | None:
+    """None when this layer runs routed for ``adapters`` (tunefast.route), else the reason it cannot."""
+    if not isinstance(self, _LINEAR) or type(self).forward is not fused_forward:
+        return f"{type(self).__name__} layers do not run routed"
+    present = [a for a in adapters if a in self.lora_A]
+    if any(a in self.lora_variant for a in present):
+        return "DoRA adapters do not run routed"
+    if any(self.lora_bias.get(a) for a in present):
+        return "adapters with lora_bias do not run routed"
+    if wrapper_chain(self) or _transposed_storage(self.get_base_layer()) is None:
+        return f"its base ({type(self.base_layer).__name__}) is not a plain linear layer"
+    if any(_dropout_p(self.lora_dropout[a]) is None for a in present):
+        return "a custom lora_dropout module"
+    return None
+
+
 def fused_forward(self, x, *args, **kwargs):
     """Forward of a patched ``peft.tuners.lora.Linear``: the fused op, the routed op for mixed-adapter
     batches (PEFT's ``adapter_names=`` or :func:`tunefast.route`), or PEFT's forward (see report)."""
     out = None
+    state = layer_state(self)
+    route = state.current_route() if state is not None else None
     if isinstance(x, torch.Tensor) and not args and not (self.disable_adapters or self.merged):
         names = kwargs.get("adapter_names")
-        if names is not None and set(kwargs) == {"adapter_names"}:
+        if peft_forward_needed(self, x):
+            pass
+        elif names is not None and set(kwargs) == {"adapter_names"}:
             self._check_forward_args(x, adapter_names=names)  # PEFT's own errors for bad names
             table = list(dict.fromkeys(names))
             ids = torch.tensor([table.index(n) if n != "__base__" else -1 for n in names], device=x.device)
             out = _routed_call(self, x, table, ids)
         elif not kwargs:
-            routing = current_routing()
-            out = _fused_call(self, x) if routing is None else _routed_call(self, x, *routing)
+            out = _fused_call(self, x) if route is None else _routed_call(self, x, *route)
     if out is None:
+        if route is not None and not kwargs and not (self.disable_adapters or self.merged):
+            raise RuntimeError(
+                "tunefast.route is active but this LoRA layer cannot run routed on this call (input dtype "
+                f"{getattr(x, 'dtype', type(x).__name__)} vs base weight {self.get_base_layer().weight.dtype}, a "
+                "trainable base weight, hooks on its adapter modules, or meta tensors): PEFT's forward would apply "
+                "the active adapter to every token"
+            )
         return self._tunefast_original_class.forward(self, x, *args, **kwargs)
     return out
 
@@ -200,5 +260,10 @@ def register_handlers() -> None:
         from peft.tuners.lora import layer as peft_lora
     except ImportError:  # pragma: no cover - peft is a dependency
         return
+    global _LINEAR
+    _LINEAR = peft_lora.Linear
     register(peft_lora.LoraLayer, _skip_other_lora_layer)
     register(peft_lora.Linear, decide, fused_forward)
+
+
+_LINEAR: type = type(None)  # peft.tuners.lora.Linear once registered

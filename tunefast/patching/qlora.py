@@ -30,7 +30,7 @@ from torch import nn
 from .. import backend as _backend
 from ..ops._checks import SUPPORTED_DTYPES
 from ..ops.qlora import QuantWeight, qlora_linear
-from .lora import _dropout_p
+from .lora import _dropout_p, peft_forward_needed
 from .registry import Patch, Skip, register
 
 
@@ -158,6 +158,8 @@ def _prepare_base(base: nn.Module, x: torch.Tensor) -> torch.dtype:
 def _fast_path_args(self, x, args, kwargs):
     """The fused op's arguments, or None where PEFT's forward must run to keep its exact behaviour."""
     if args or kwargs or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
+        return None
+    if peft_forward_needed(self, x):
         return None
     if x.dtype not in SUPPORTED_DTYPES or x.numel() == 0:
         return None

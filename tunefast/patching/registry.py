@@ -8,7 +8,8 @@ handler's fast forward, so that ``unpatch`` restores the original class exactly,
 
 from __future__ import annotations
 
-import sys
+import base64
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,14 +88,51 @@ def is_patched(module: nn.Module) -> bool:
     return "_tunefast_original_class" in type(module).__dict__
 
 
+def _path(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def _resolve_path(path: str):
+    module, qualname = path.split(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fast_class_name(cls: type, forward: Callable) -> str:
+    # The original class and the forward, base32-encoded (no dots: pickle splits qualified names on them),
+    # so that a fresh process can rebuild the class from the name alone (module __getattr__ below).
+    key = f"{_path(cls)}|{_path(forward)}".encode()
+    return "Tunefast_" + base64.b32encode(key).decode().rstrip("=")
+
+
 def _fast_class(cls: type, forward: Callable) -> type:
     key = (cls, forward)
     if key not in _FAST_CLASSES:
-        name = f"Tunefast_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
-        fast = type(name, (cls,), {"forward": forward, "_tunefast_original_class": cls, "__module__": __name__})
-        setattr(sys.modules[__name__], name, fast)  # importable by name, so patched models pickle
+        qualname = _fast_class_name(cls, forward)
+        # __name__ stays the original's: reprs read as PEFT's (``lora.Linear(...)``), and so do the error
+        # messages that name the class. __qualname__ is the unpicklable-proof lookup name.
+        fast = type(cls)(cls.__name__, (cls,), {
+            "forward": forward, "_tunefast_original_class": cls, "__module__": __name__, "__qualname__": qualname,
+        })
         _FAST_CLASSES[key] = fast
     return _FAST_CLASSES[key]
+
+
+def __getattr__(name: str):
+    """Patched classes by name, created on demand: ``torch.save`` of a patched model pickles its modules'
+    classes by qualified name, and ``torch.load`` in a fresh process looks them up here."""
+    if not name.startswith("Tunefast_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        encoded = name[len("Tunefast_"):]
+        cls_path, forward_path = base64.b32decode(encoded + "=" * (-len(encoded) % 8)).decode().split("|")
+    except ValueError as e:
+        raise AttributeError(f"{name!r} is not a tunefast patched-class name") from e
+    from . import _register_all_handlers  # noqa: F401  (importing the package registers every handler)
+
+    return _fast_class(_resolve_path(cls_path), _resolve_path(forward_path))
 
 
 def swap_in(module: nn.Module, forward: Callable, backend: str) -> None:

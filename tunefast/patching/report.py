@@ -29,6 +29,8 @@ RUNTIME_FALLBACKS = (
     "adapters merged into the base weight, or disabled (model.disable_adapter())",
     "mixed-adapter batches whose adapters use DoRA or lora_bias (others take the routed op)",
     "a trainable base weight, or an input dtype PEFT itself would cast (x dtype != base weight dtype)",
+    "hooks registered on the layer's lora_A / lora_B / lora_dropout modules (or global module hooks), so they fire",
+    "meta-device tensors (shape-only runs)",
 )
 
 
