@@ -6,7 +6,14 @@ The prefix pk / pv (Hkv, P, D) is shared by the batch: every program reads it th
 (batch stride 0), so it is never expanded, copied or concatenated per batch element. Query head h reads
 key/value head h // (Hq / Hkv) (GQA / MQA without repeat_kv). Sequence keys are causal (aligned so the
 last query sees the last key: t sees s iff s <= t + S - T) or bidirectional, with a (B, S) key-padding
-mask. Every query sees every prefix key.
+mask, and optionally a local window.
+
+Local windows (flash-attention's window_size = (left, right)): query t sits at position t + S - T of the
+sequence and key s at position s; t sees s iff -WR <= (t + S - T) - s <= WL. Causal is WR = 0; "no bound"
+is WL / WR = NO_BOUND (2**30, far beyond any length, and small enough that sums stay in int32). With
+PREFIX_LOCAL the prefix keys are positions -P .. -1 of the same sequence (what a concatenated KV cache
+gives: transformers' sliding-window masks count the prefix), so prefix key j is checked with the query
+shifted by P: -WR <= (t + S - T + P) - j <= WL. Without it every query sees every prefix key.
 
 Kernels (tunefast/ops/prefix_attention.py composes them):
   ``_fwd_kernel``    one program per (query block, head, batch): online softmax over prefix then
@@ -37,6 +44,7 @@ import triton.language as tl
 from .tuning import autotune_enabled
 
 _LOG2E = 1.4426950408889634
+NO_BOUND = 1 << 30  # an unbounded window side: beyond any length, and sums with lengths stay within int32
 
 
 @triton.jit
@@ -45,6 +53,29 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _band(rows, cols, q_shift, WL, WR):
+    """(rows, cols) bool: key col is within the window of query row (query position = row + q_shift)."""
+    diff = rows[:, None] + q_shift - cols[None, :]
+    return (diff <= WL) & (diff >= -WR)
+
+
+@triton.jit
+def _key_range(row_lo, row_hi, q_shift, n_keys, WL, WR, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the key blocks that queries row_lo .. row_hi (inclusive) can see; lo block-aligned."""
+    lo = tl.maximum(row_lo + q_shift - WL, 0)
+    hi = tl.minimum(tl.maximum(row_hi + q_shift + WR + 1, 0), n_keys)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _query_range(key_lo, key_hi, q_shift, n_queries, WL, WR, BLOCK_M: tl.constexpr):
+    """[lo, hi) of the query blocks that can see keys key_lo .. key_hi (inclusive); lo block-aligned."""
+    lo = tl.maximum(key_lo - q_shift - WR, 0)
+    hi = tl.minimum(tl.maximum(key_hi - q_shift + WL + 1, 0), n_queries)
+    return (lo // BLOCK_M) * BLOCK_M, hi
 
 
 @triton.jit
@@ -80,11 +111,11 @@ def _fwd_kernel(
     stride_pvh, stride_pvp, stride_pvd,
     stride_mb, stride_ms,
     stride_ob, stride_oh, stride_ot, stride_od,
-    # softmax scale * log2(e), autotune key
-    qk_scale, size_key,
-    # meta-parameters
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    # softmax scale * log2(e), window extents (left, right; causal is WR = 0), autotune key
+    qk_scale, WL, WR, size_key,
+    # meta-parameters: LOCAL bounds the sequence keys by the window, PREFIX_LOCAL the prefix keys too
+    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -103,28 +134,36 @@ def _fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    # prefix keys: seen by every query, no mask but the bounds
-    for start_n in range(0, P, BLOCK_N):
+    row_lo = pid_m * BLOCK_M
+    row_hi = tl.minimum(row_lo + BLOCK_M, T) - 1
+    # prefix keys: seen by every query, no mask but the bounds (and the window under PREFIX_LOCAL)
+    p_lo, p_hi = 0, P
+    if PREFIX_LOCAL:
+        p_lo, p_hi = _key_range(row_lo, row_hi, S - T + P, P, WL, WR, BLOCK_N)
+    for start_n in range(p_lo, p_hi, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < P
+        valid = n_mask[None, :]
+        if PREFIX_LOCAL:
+            valid = valid & _band(offs_m, n, S - T + P, WL, WR)
         k_ptrs = pk_ptr + hkv * stride_pkh + n[None, :].to(tl.int64) * stride_pkp + offs_d[:, None] * stride_pkd
         v_ptrs = pv_ptr + hkv * stride_pvh + n[:, None].to(tl.int64) * stride_pvp + offs_d[None, :] * stride_pvd
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, n_mask[None, :], qk_scale,
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale,
                                       UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
-    # sequence keys: causal blocks past the diagonal are never visited
-    hi = S
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T), 0)
-    for start_n in range(0, hi, BLOCK_N):
+    # sequence keys: blocks outside the window (past the diagonal when causal) are never visited
+    lo, hi = 0, S
+    if LOCAL:
+        lo, hi = _key_range(row_lo, row_hi, S - T, S, WL, WR, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < S
         valid = n_mask[None, :]
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * stride_mb + n.to(tl.int64) * stride_ms, mask=n_mask, other=0)
             valid = valid & (keep != 0)[None, :]
-        if CAUSAL:
-            valid = valid & (n[None, :] <= offs_m[:, None] + (S - T))
+        if LOCAL:
+            valid = valid & _band(offs_m, n, S - T, WL, WR)
         k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + n[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd
         v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + n[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale,
@@ -181,11 +220,12 @@ def _dkdv_kernel(
     stride_mb, stride_ms,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    # softmax scale (natural) and scale * log2(e), autotune key
-    sm_scale, qk_scale, size_key,
-    # meta-parameters: PREFIX keys are seen by every query (no causal, no padding mask)
-    PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    # softmax scale (natural) and scale * log2(e), window extents, autotune key
+    sm_scale, qk_scale, WL, WR, size_key,
+    # meta-parameters: PREFIX keys have no padding mask and are windowed only under PREFIX_LOCAL
+    PREFIX: tl.constexpr, LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hkv = tl.program_id(1).to(tl.int64)
@@ -207,16 +247,20 @@ def _dkdv_kernel(
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * stride_mb + offs_n.to(tl.int64) * stride_ms, mask=n_mask, other=0)
             col_ok = col_ok & (keep != 0)
-    lo = 0
-    if CAUSAL and not PREFIX:
-        lo = (tl.maximum(start_n - (S - T), 0) // BLOCK_M) * BLOCK_M  # earlier queries cannot see this block
+    # the prefix keys sit P positions before the sequence: queries are shifted by P against them
+    q_shift = S - T
+    if PREFIX:
+        q_shift += N_KEYS
+    lo, hi = 0, T
+    if (PREFIX and PREFIX_LOCAL) or (not PREFIX and LOCAL):  # queries outside the window of every key of this block are never visited
+        lo, hi = _query_range(start_n, tl.minimum(start_n + BLOCK_N, N_KEYS) - 1, q_shift, T, WL, WR, BLOCK_M)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for g in range(0, GROUP):
         h = hkv * GROUP + g
         row_base = (b * HQ + h) * T
-        for start_m in range(lo, T, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_mb
             m_mask = offs_m < T
             rows_m = offs_m[:, None].to(tl.int64)
@@ -229,8 +273,8 @@ def _dkdv_kernel(
             delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
             s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale
             valid = m_mask[:, None] & col_ok[None, :]
-            if CAUSAL and not PREFIX:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (S - T))
+            if (PREFIX and PREFIX_LOCAL) or (not PREFIX and LOCAL):
+                valid = valid & _band(offs_m, offs_n, q_shift, WL, WR)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
             dv = _dot(tl.trans(p.to(do.dtype)), do, dv, UPCAST, PRECISION)
             dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
@@ -270,11 +314,11 @@ def _dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_mb, stride_ms,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    # softmax scale (natural) and scale * log2(e), autotune key
-    sm_scale, qk_scale, size_key,
-    # meta-parameters
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    # softmax scale (natural) and scale * log2(e), window extents, autotune key
+    sm_scale, qk_scale, WL, WR, size_key,
+    # meta-parameters (as _fwd_kernel's)
+    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -296,29 +340,36 @@ def _dq_kernel(
     lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    row_lo = pid_m * BLOCK_M
+    row_hi = tl.minimum(row_lo + BLOCK_M, T) - 1
 
-    for start_n in range(0, P, BLOCK_N):
+    p_lo, p_hi = 0, P
+    if PREFIX_LOCAL:
+        p_lo, p_hi = _key_range(row_lo, row_hi, S - T + P, P, WL, WR, BLOCK_N)
+    for start_n in range(p_lo, p_hi, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < P
+        valid = m_mask[:, None] & n_mask[None, :]
+        if PREFIX_LOCAL:
+            valid = valid & _band(offs_m, n, S - T + P, WL, WR)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         rows_n = n[:, None].to(tl.int64)
         k_ptrs = pk_ptr + hkv * stride_pkh + rows_n * stride_pkp + offs_d[None, :] * stride_pkd
         v_ptrs = pv_ptr + hkv * stride_pvh + rows_n * stride_pvp + offs_d[None, :] * stride_pvd
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, m_mask[:, None] & n_mask[None, :],
-                      qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
-    hi = S
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T), 0)
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = 0, S
+    if LOCAL:
+        lo, hi = _key_range(row_lo, row_hi, S - T, S, WL, WR, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < S
         valid = m_mask[:, None] & n_mask[None, :]
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * stride_mb + n.to(tl.int64) * stride_ms, mask=n_mask, other=0)
             valid = valid & (keep != 0)[None, :]
-        if CAUSAL:
-            valid = valid & (n[None, :] <= offs_m[:, None] + (S - T))
+        if LOCAL:
+            valid = valid & _band(offs_m, n, S - T, WL, WR)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         rows_n = n[:, None].to(tl.int64)
         k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + rows_n * stride_ks + offs_d[None, :] * stride_kd
@@ -392,28 +443,44 @@ def _mask_args(mask, dummy):
     return m, m.stride(0), m.stride(1)
 
 
-def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, lse):
+def _window_args(causal: bool, window: tuple[int, int], window_counts_prefix: bool):
+    """(WL, WR, LOCAL, PREFIX_LOCAL) from flash-attention style ``window`` (-1: unbounded) and causality."""
+    left, right = window
+    wl = NO_BOUND if left < 0 else left
+    wr = 0 if causal else (NO_BOUND if right < 0 else right)
+    local = causal or left >= 0 or right >= 0
+    # the prefix is windowed only when a window was asked for and counts it; causality alone never hides
+    # the prefix (it precedes every query)
+    prefix_local = window_counts_prefix and (left >= 0 or right >= 0)
+    return wl, wr, local, prefix_local
+
+
+def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, lse,
+                      window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True):
     """Fill ``out`` (B, Hq, T, D), any strides, and ``lse`` (B, Hq, T) fp32 contiguous.
 
     q (B, Hq, T, D), k / v (B, Hkv, S, D), pk / pv (Hkv, P, D), mask (B, S) bool or None; all strided.
+    window: (left, right) extents, -1 unbounded (see the module docstring).
     """
     B, HQ, T, D = q.shape
     S, P = k.shape[2], pk.shape[1]
     on_gpu = q.is_cuda
     m, smb, sms = _mask_args(mask, out)
+    wl, wr, local, prefix_local = _window_args(causal, window, window_counts_prefix)
     args = (
         q, k, v, pk, pv, m, out, lse,
         T, S, P, D, HQ // k.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), smb, sms, *out.stride(),
-        scale * _LOG2E, _size_key(causal, T, S, P, D),
+        scale * _LOG2E, wl, wr, _size_key(local, T, S, P, D),
     )
-    meta = dict(CAUSAL=causal, HAS_MASK=mask is not None, UPCAST=not on_gpu and q.dtype != torch.float32,
-                PRECISION=_precision(q), BLOCK_D=_block_d(D))
+    meta = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None,
+                UPCAST=not on_gpu and q.dtype != torch.float32, PRECISION=_precision(q), BLOCK_D=_block_d(D))
     grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
     _launch("_fwd_kernel", grid, args, meta, on_gpu)
 
 
-def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: float, dq, dk, dv):
+def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: float, dq, dk, dv,
+                       window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True):
     """Fill dq / dk / dv (strided like q / k / v) and return (dpk, dpv) fp32 (Hkv, P, D), summed over
     the batch in a fixed order (deterministic)."""
     B, HQ, T, D = q.shape
@@ -426,8 +493,10 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
         o, do, delta, T, D, *o.stride(), *do.stride(), BLOCK_M=64, BLOCK_D=block_d,
     )
     m, smb, sms = _mask_args(mask, dq)
-    common = dict(CAUSAL=causal, HAS_MASK=mask is not None, UPCAST=upcast, PRECISION=_precision(q), BLOCK_D=block_d)
-    key = _size_key(causal, T, S, P, D)
+    wl, wr, local, prefix_local = _window_args(causal, window, window_counts_prefix)
+    common = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None, UPCAST=upcast,
+                  PRECISION=_precision(q), BLOCK_D=block_d)
+    key = _size_key(local, T, S, P, D)
 
     def dkdv(keys, values, n_keys, dk_out, dv_out, prefix):
         kb = 0 if prefix else keys.stride(0)  # the prefix is read by every batch element
@@ -438,7 +507,7 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
             q, keys, values, do, lse, delta, m, dk_out, dv_out,
             T, S, n_keys, D, HQ // HKV, HQ,
             *q.stride(), kb, kh, ks, kd, vb, vh, vs, vd, *do.stride(), smb, sms, *dk_out.stride(), *dv_out.stride(),
-            scale, scale * _LOG2E, key,
+            scale, scale * _LOG2E, wl, wr, key,
         )
         grid = lambda mt: (triton.cdiv(n_keys, mt["BLOCK_N"]), HKV, B)  # noqa: E731
         _launch("_dkdv_kernel", grid, args, dict(PREFIX=prefix, **common), on_gpu)
@@ -458,7 +527,7 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
         q, k, v, pk, pv, do, lse, delta, m, dq,
         T, S, P, D, HQ // HKV,
         *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *do.stride(), smb, sms, *dq.stride(),
-        scale, scale * _LOG2E, key,
+        scale, scale * _LOG2E, wl, wr, key,
     )
     grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
     _launch("_dq_kernel", grid, args, common, on_gpu)

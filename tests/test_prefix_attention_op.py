@@ -79,21 +79,61 @@ def test_cuda_kernel_against_oracle(monkeypatch, b, hq, hkv, t, s, p, d, causal,
     _check_against_oracle("triton", b, hq, hkv, t, s, p, d, causal, pad, dtype, "cuda")
 
 
-def _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, dtype, device):
+WINDOW_CASES = [
+    # b, hq, hkv, t, s, p, d, causal, pad, window, window_counts_prefix
+    pytest.param(2, 4, 2, 37, 37, 5, 16, True, True, (7, 0), True, id="sliding-counts-prefix"),
+    pytest.param(2, 4, 2, 37, 37, 5, 16, True, True, (7, 0), False, id="sliding-prefix-always"),
+    pytest.param(1, 2, 1, 70, 70, 40, 32, True, False, (20, 0), True, id="window-skips-blocks"),
+    pytest.param(2, 2, 2, 33, 45, 7, 32, False, True, (3, 5), True, id="bidirectional-window-s>t"),
+    pytest.param(1, 3, 1, 1, 17, 3, 32, True, False, (6, 0), True, id="decode-t1"),
+    pytest.param(1, 2, 2, 40, 30, 11, 16, True, False, (12, 0), True, id="t>s"),
+    pytest.param(1, 2, 1, 20, 20, 4, 16, False, False, (-1, 2), True, id="right-only"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,hq,hkv,t,s,p,d,causal,pad,window,counts", WINDOW_CASES)
+def test_local_window_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, window, counts):
+    _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, torch.float32, "cpu", window, counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_local_window_low_precision(dtype):
+    _check_against_oracle("triton", 2, 4, 2, 37, 37, 5, 16, True, True, dtype, "cpu", (7, 0), True)
+
+
+def test_window_semantics_by_hand():
+    """Which keys a query sees, spelled out for one small case (P = 2, T = S = 4, window (2, 0))."""
+    from tunefast.reference.prefix_attention import prefix_visible, visible
+
+    seq = visible(4, 4, True, None, "cpu", (2, 0))[0, 0, 0].int().tolist()
+    assert seq == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
+    # the prefix sits at positions -2, -1: query 0 (position 0) sees both, query 1 only the last one
+    pre = prefix_visible(4, 4, 2, True, "cpu", (2, 0), True)[0, 0, 0].int().tolist()
+    assert pre == [[1, 1], [0, 1], [0, 0], [0, 0]]
+    assert prefix_visible(4, 4, 2, True, "cpu", (2, 0), False) is None
+
+
+def _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, dtype, device, window=(-1, -1), counts=True):
     tensors, mask = _make(b, hq, hkv, t, s, p, d, dtype, pad, device)
     leaves = _leaves(tensors)
-    out = opa.prefix_attention(*leaves, causal=causal, key_padding_mask=mask, backend=backend)
+    out = opa.prefix_attention(*leaves, causal=causal, key_padding_mask=mask, window=window,
+                               window_counts_prefix=counts, backend=backend)
     oracle_leaves = _leaves(tensors, torch.float64)
-    oracle, oracle_lse = ref.forward(*oracle_leaves, causal, mask)
+    oracle, oracle_lse = ref.forward(*oracle_leaves, causal, mask, None, window, counts)
     torch_leaves = _leaves(tensors)  # PyTorch's own computation in this dtype: concatenation + eager softmax
-    torch_out = ref.concat_attention(*torch_leaves, causal, mask)
-    g = torch.randn(out.shape, device=device).to(dtype).double()  # representable in dtype: same dy everywhere
+    # rows that see no key (padding inside a window): eager softmax averages the masked values there, the
+    # kernel and the oracle give 0; zero them in PyTorch's result and give them no dy, so they do not
+    # loosen the low-precision bound
+    seen = torch.isfinite(oracle_lse)[..., None]
+    torch_out = ref.concat_attention(*torch_leaves, causal, mask, window=window, window_counts_prefix=counts) * seen
+    g = torch.randn(out.shape, device=device).to(dtype).double() * seen  # representable in dtype: same dy everywhere
 
     assert out.dtype == dtype and out.shape == (b, hq, t, d)
     assert out.transpose(1, 2).is_contiguous()  # the attention interface's (B, T, H, D) for free
     assert_close_to_oracle(out, oracle, torch_out, "o")
     grads = _grads(out, g, leaves)
-    want = ref.backward(g, *oracle_leaves, oracle, oracle_lse, causal, mask)
+    want = ref.backward(g, *oracle_leaves, oracle, oracle_lse, causal, mask, None, window, counts)
     torch_grads = _grads(torch_out, g, torch_leaves)
     for name, got, w, tg, x in zip(["dq", "dk", "dv", "dpk", "dpv"], grads, want, torch_grads, leaves):
         assert got.shape == x.shape and got.dtype == x.dtype, name
@@ -101,16 +141,23 @@ def _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, dtype, d
             assert_close_to_oracle(got, w, tg, name)
 
 
-def test_oracle_matches_autograd_of_the_concatenation():
-    """The reference backward (the oracle of every gradient above) against autograd, in fp64."""
+@pytest.mark.parametrize("window,counts", [((-1, -1), True), ((3, 0), True), ((3, 0), False), ((2, 4), True)])
+def test_oracle_matches_autograd_of_the_concatenation(window, counts):
+    """The reference backward (the oracle of every gradient above) against autograd, in fp64.
+
+    Rows that see no key (padding inside a window) follow different conventions (the reference: 0; eager
+    softmax: the mean of the masked values), so they are compared out: zero output there, zero dy."""
     tensors, mask = _make(2, 4, 2, 9, 12, 4, 8, torch.float64, True)
+    w = dict(window=window, window_counts_prefix=counts)
     for causal in (True, False):
         leaves = _leaves(tensors)
-        o, lse = ref.forward(*leaves, causal, mask)
-        torch.testing.assert_close(o, ref.concat_attention(*leaves, causal, mask), rtol=1e-12, atol=1e-12)
-        g = torch.randn_like(o)
-        auto = torch.autograd.grad(ref.concat_attention(*leaves, causal, mask), leaves, g)
-        for a, r in zip(auto, ref.backward(g, *leaves, o, lse, causal, mask)):
+        o, lse = ref.forward(*leaves, causal, mask, **w)
+        seen = torch.isfinite(lse)[..., None]
+        concat = ref.concat_attention(*leaves, causal, mask, **w)
+        torch.testing.assert_close(o, concat * seen, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(o) * seen
+        auto = torch.autograd.grad(ref.concat_attention(*leaves, causal, mask, **w), leaves, g)
+        for a, r in zip(auto, ref.backward(g, *leaves, o, lse, causal, mask, **w)):
             torch.testing.assert_close(r, a, rtol=1e-10, atol=1e-12)
 
 
@@ -186,6 +233,9 @@ def _kw(**over):
         (dict(q=torch.randn(2, 4, 16)), ValueError, "q must be 4-D"),
         (dict(causal=1), TypeError, "causal must be a bool"),
         (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
+        (dict(window=(4,)), ValueError, r"window must be None or \(left, right\)"),
+        (dict(window=(-2, 0)), ValueError, "two ints >= -1"),
+        (dict(window_counts_prefix=None), TypeError, "window_counts_prefix must be a bool"),
     ],
 )
 def test_bad_input_gets_clear_error(over, exc, match):
@@ -204,8 +254,9 @@ def test_mismatched_devices_get_clear_error():
 def test_opcheck(backend):
     tensors, mask = _make(2, 4, 2, 5, 6, 3, 16, torch.float32, True)
     leaves = _leaves(tensors)
-    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, backend))
-    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, None, False, 0.25, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, -1, -1, True, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, None, False, 0.25, -1, -1, True, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, 2, 0, True, backend))
 
 
 def test_compile_fullgraph():

@@ -43,6 +43,9 @@ def _prefix_attention_fwd(
     key_padding_mask: Optional[Tensor],
     causal: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    window_counts_prefix: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     out = _empty_out(q)
@@ -52,16 +55,19 @@ def _prefix_attention_fwd(
     if _backend.resolve(backend, q.device) == "triton":
         from ..kernels import prefix_attention as kpa
 
-        kpa.attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, out, lse)
+        kpa.attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, out, lse,
+                              (window_left, window_right), window_counts_prefix)
     else:
-        o, l = ref.forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+        o, l = ref.forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale,
+                           (window_left, window_right), window_counts_prefix)
         out.copy_(o)
         lse.copy_(l)
     return out, lse
 
 
 @_prefix_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend):
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, window_left, window_right, window_counts_prefix,
+      backend):
     return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -78,6 +84,9 @@ def _prefix_attention_bwd(
     key_padding_mask: Optional[Tensor],
     causal: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    window_counts_prefix: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are summed over the batch."""
@@ -88,10 +97,12 @@ def _prefix_attention_bwd(
         from ..kernels import prefix_attention as kpa
 
         dpk, dpv = kpa.attention_backward(
-            grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, dq, dk, dv
+            grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, dq, dk, dv,
+            (window_left, window_right), window_counts_prefix,
         )
     else:
-        gq, gk, gv, dpk, dpv = ref.backward(grad_o, q, k, v, prefix_k, prefix_v, o, lse, causal, key_padding_mask, scale)
+        gq, gk, gv, dpk, dpv = ref.backward(grad_o, q, k, v, prefix_k, prefix_v, o, lse, causal, key_padding_mask, scale,
+                                            (window_left, window_right), window_counts_prefix)
         dq.copy_(gq)
         dk.copy_(gk)
         dv.copy_(gv)
@@ -99,7 +110,8 @@ def _prefix_attention_bwd(
 
 
 @_prefix_attention_bwd.register_fake
-def _(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, backend):
+def _(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, window_left, window_right,
+      window_counts_prefix, backend):
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
         prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape),
@@ -107,18 +119,17 @@ def _(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, sca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend = inputs
+    q, k, v, prefix_k, prefix_v, key_padding_mask, *static = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask)
-    ctx.static = (causal, scale, backend)
+    ctx.static = static  # causal, scale, window_left, window_right, window_counts_prefix, backend
 
 
 def _backward(ctx, grad_o, _grad_lse):
     q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask = ctx.saved_tensors
-    causal, scale, backend = ctx.static
-    grads = _prefix_attention_bwd(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, backend)
+    grads = _prefix_attention_bwd(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, *ctx.static)
     grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
-    return (*grads, None, None, None, None)
+    return (*grads, *([None] * (1 + len(ctx.static))))
 
 
 torch.library.register_autograd("tunefast::prefix_attention_fwd", _backward, setup_context=_setup_context)
@@ -134,6 +145,8 @@ def prefix_attention(
     causal: bool,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    window: Optional[tuple[int, int]] = None,
+    window_counts_prefix: bool = True,
     backend: str = "auto",
 ) -> Tensor:
     """Attention of ``q`` over a learned prefix shared by the batch followed by the sequence keys.
@@ -149,6 +162,14 @@ def prefix_attention(
             last key, as with a KV cache); False: every sequence key. Every query sees every prefix key.
         key_padding_mask: (B, S) bool, True for a real key (or 0/1 integers); None: no padding.
         scale: softmax scale, default 1 / sqrt(D).
+        window: (left, right) local window over the sequence, flash-attention's ``window_size``: query t
+            (at position t + S - T) sees key s only if -right <= (t + S - T) - s <= left; -1 = unbounded,
+            None = (-1, -1). transformers' ``sliding_window = W`` (key within the last W positions) is
+            (W - 1, 0) with ``causal=True``.
+        window_counts_prefix: True: the prefix sits at positions -P .. -1 in front of the sequence and the
+            window (and causality) apply to it too, which is what PEFT's KV-cache prefix gives under
+            transformers' sliding-window masks (a query more than left positions past the prefix stops
+            seeing it). False: every query sees every prefix key whatever the window.
         backend: "auto", "triton" or "reference" (see tunefast.backend).
 
     Returns:
@@ -157,9 +178,24 @@ def prefix_attention(
         masked) gets 0 and passes no gradient. Gradients reach q, k, v and the prefix (summed over the batch).
     """
     key_padding_mask = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend)
+    left, right = check_window(window, window_counts_prefix)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, backend)
+    out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, left, right,
+                                   window_counts_prefix, backend)
     return out
+
+
+def check_window(window, window_counts_prefix) -> tuple[int, int]:
+    """(left, right) from ``window`` (None: unbounded), or a clear error."""
+    if not isinstance(window_counts_prefix, bool):
+        raise TypeError(f"window_counts_prefix must be a bool, got {type(window_counts_prefix).__name__}")
+    if window is None:
+        return -1, -1
+    ok = isinstance(window, (tuple, list)) and len(window) == 2
+    ok = ok and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
+    if not ok:
+        raise ValueError(f"window must be None or (left, right), two ints >= -1 (-1 = unbounded), got {window!r}")
+    return int(window[0]), int(window[1])
 
 
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend):
