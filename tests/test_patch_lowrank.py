@@ -1,0 +1,210 @@
+"""tunefast.patch on PEFT AdaLoRA, VeRA, (IA)3 and LoRA-on-Embedding models: parity with unpatched PEFT,
+AdaLoRA's rank allocation during training, merge/unmerge, unpatch, skips with reasons."""
+
+import peft
+import pytest
+import torch
+
+import tunefast
+from tests import models as M
+from tests.test_patch_lora import assert_parity, assert_rel_close
+
+BACKENDS = ["triton", "reference"]
+FAMILIES = ["llama", "gpt2", "bert"]
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+# family -> (attention k/v-type targets, feed-forward targets, embedding)
+TARGETS = {
+    "llama": (["q_proj", "k_proj", "v_proj"], ["down_proj"], "embed_tokens"),
+    "gpt2": (["c_attn"], ["c_proj"], "wte"),
+    "bert": (["query", "key", "value"], ["output.dense"], "word_embeddings"),
+}
+
+
+def _randomize(model, prefixes, scale=0.3):
+    """Trained-looking adapter values (PEFT initialises most of these to a no-op)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(k in n for k in prefixes):
+                p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "ia3_l" in n else 0.0))
+
+
+def adalora_model(family, dropout=0.0, total_step=20, **kw):
+    attn = TARGETS[family][0]
+    cfg = peft.AdaLoraConfig(init_r=6, target_r=3, tinit=2, tfinal=4, deltaT=2, total_step=total_step, lora_alpha=8,
+                             lora_dropout=dropout, target_modules=attn + TARGETS[family][1], task_type=TASK[family],
+                             fan_in_fan_out=family == "gpt2", **kw)
+    model = peft.get_peft_model(M.base_model(family), cfg)
+    _randomize(model, ["lora_A", "lora_B", "lora_E"])
+    return model
+
+
+def vera_model(family, adapters=("default",)):
+    targets = TARGETS[family][0] + TARGETS[family][1]
+    model = None
+    for i, name in enumerate(adapters):
+        cfg = peft.VeraConfig(r=8, target_modules=targets, task_type=TASK[family], fan_in_fan_out=family == "gpt2")
+        if model is None:
+            model = peft.get_peft_model(M.base_model(family), cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+    if len(adapters) > 1:
+        model.base_model.set_adapter(list(adapters))
+    _randomize(model, ["vera_lambda"])
+    return model
+
+
+def ia3_model(family, feedforward=False):
+    attn, ff, _ = TARGETS[family]
+    cfg = peft.IA3Config(target_modules=attn + (ff if feedforward else []), feedforward_modules=ff if feedforward else [],
+                         task_type=TASK[family], fan_in_fan_out=family == "gpt2")
+    model = peft.get_peft_model(M.base_model(family), cfg)
+    _randomize(model, ["ia3_l"])
+    return model
+
+
+def embedding_model(family):
+    targets = [TARGETS[family][2]] + TARGETS[family][0][:1]
+    return M.peft_model(family, targets)
+
+
+BUILDERS = {"adalora": adalora_model, "vera": vera_model, "ia3": ia3_model, "embedding": embedding_model}
+KERNEL = {"adalora": "lora_linear", "vera": "lora_linear", "ia3": "lora_linear", "embedding": "lora_embedding"}
+
+
+# the embedding path has one implementation (a gather and an addmm), so one backend for it
+PARITY = [(f, m, b) for f in FAMILIES for m in BUILDERS for b in BACKENDS if not (m == "embedding" and b == "triton")]
+
+
+@pytest.mark.parametrize("family,method,backend", PARITY, ids=["-".join(c) for c in PARITY])
+def test_parity_with_peft(family, method, backend):
+    model = BUILDERS[method](family)
+    patched = M.clone(model)
+    report = tunefast.patch(patched, backend=backend)
+    assert report.patched and not report.skipped, str(report)
+    kernels = report.kernels()
+    if method == "embedding":  # the embedding plus one q projection (LoRA's own handler)
+        assert kernels == {"lora_embedding[reference]": 1, f"lora_linear[{backend}]": 2}, str(report)
+    else:
+        assert kernels == {f"{KERNEL[method]}[{backend}]": len(report.patched)}, str(report)
+    assert_parity(model, patched, M.batch(family))
+
+
+@pytest.mark.parametrize("method", ["adalora", "vera", "ia3", "embedding"])
+def test_method_changes_the_output_at_all(method):
+    """Guards the parity tests: the adapters compared there are not a no-op."""
+    model = BUILDERS[method]("llama")
+    inputs = M.batch("llama")
+    with model.disable_adapter():
+        base = model(**inputs).logits
+    assert not torch.allclose(model(**inputs).logits, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adalora_rank_allocation_during_training_matches_peft(backend):
+    """update_and_allocate masks E in place between steps; every step's loss and the final adapter
+    weights must follow PEFT's (the fused path reads E at every call)."""
+    model = adalora_model("llama", total_step=12)
+    patched = M.clone(model)
+    tunefast.patch(patched, backend=backend)
+    inputs = M.batch("llama")
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (model, patched)]
+    for step in range(12):
+        losses = []
+        for m, opt in zip((model, patched), opts):
+            loss = m(**inputs).loss
+            loss.backward()
+            opt.step()
+            m.base_model.update_and_allocate(step)
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        assert_rel_close(losses[1], losses[0], f"loss at step {step}")
+    masked = [(p == 0).sum().item() for n, p in patched.named_parameters() if "lora_E" in n]
+    assert sum(masked) > 0, "the schedule should have masked some singular values"
+    want = dict(model.named_parameters())
+    for n, p in patched.named_parameters():
+        if "lora_E" in n:
+            assert torch.equal(p == 0, want[n] == 0), n  # the same ranks were pruned
+        if p.requires_grad:
+            assert_rel_close(p.detach(), want[n].detach(), n)
+
+
+@pytest.mark.parametrize("method", ["adalora", "vera", "ia3", "embedding"])
+def test_merge_unmerge_and_disable_keep_peft_behaviour(method):
+    model = BUILDERS[method]("llama")
+    model.eval()
+    patched = M.clone(model)
+    tunefast.patch(patched)
+    inputs = M.batch("llama")
+    want = model(**inputs).logits
+    with patched.disable_adapter(), model.disable_adapter():
+        assert torch.equal(patched(**inputs).logits, model(**inputs).logits)
+    patched.base_model.merge_adapter()  # merged: PEFT's forward on the merged weight
+    torch.testing.assert_close(patched(**inputs).logits, want, rtol=1e-4, atol=1e-4)
+    patched.base_model.unmerge_adapter()  # the fused path resumes
+    atol = 1e-3 if method == "ia3" else 1e-5  # PEFT warns: (IA)3 unmerge divides by l + 1e-8
+    torch.testing.assert_close(patched(**inputs).logits, want, rtol=atol, atol=atol)
+    merged = M.clone(model)
+    merged.base_model.merge_adapter()
+    report = tunefast.patch(merged)
+    assert report.skipped and all("merged" in e.reason for e in report.skipped), str(report)
+
+
+@pytest.mark.parametrize("method", ["adalora", "vera", "ia3", "embedding"])
+def test_unpatch_restores_bit_identical_outputs(method):
+    model = BUILDERS[method]("gpt2")
+    model.eval()
+    inputs = M.batch("gpt2")
+    before = model(**inputs).logits
+    classes = {n: type(m) for n, m in model.named_modules()}
+    tunefast.patch(model)
+    assert any(type(m) is not classes[n] for n, m in model.named_modules())
+    tunefast.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert torch.equal(model(**inputs).logits, before)
+
+
+def test_vera_two_adapters_share_projections():
+    model = vera_model("llama", adapters=("a", "b"))
+    patched = M.clone(model)
+    report = tunefast.patch(patched)
+    assert report.patched and "a: r=8, b: r=8" in report.patched[0].detail
+    shared = {n: b.clone() for n, b in patched.named_buffers() if "vera_A" in n or "vera_B" in n}
+    assert_parity(model, patched, M.batch("llama"))
+    for n, b in patched.named_buffers():  # the shared projections stay frozen
+        if n in shared:
+            assert torch.equal(b, shared[n]), n
+
+
+def test_ia3_feedforward_layers_are_skipped_with_a_reason_and_keep_peft_numbers():
+    model = ia3_model("llama", feedforward=True)
+    patched = M.clone(model)
+    report = tunefast.patch(patched)
+    skipped = {e.name: e.reason for e in report.skipped}
+    assert skipped and all(n.endswith("down_proj") and "feed-forward" in r for n, r in skipped.items()), skipped
+    assert len(report.patched) == 6
+    assert_parity(model, patched, M.batch("llama"))
+
+
+def test_adalora_dropout_eval_matches_and_train_draws_counter_based_masks():
+    model = adalora_model("llama", dropout=0.3)
+    patched = M.clone(model)
+    tunefast.patch(patched)
+    inputs = M.batch("llama")
+    model.eval(), patched.eval()
+    assert_parity(model, patched, inputs)
+    patched.train()
+    torch.manual_seed(1)
+    a = patched(**inputs).loss
+    torch.manual_seed(1)
+    b = patched(**inputs).loss
+    torch.manual_seed(2)
+    c = patched(**inputs).loss
+    assert torch.equal(a, b) and not torch.equal(a, c)  # masks follow torch's RNG, and dropout is on
+
+
+def test_other_layer_types_are_reported():
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)),
+                                peft.IA3Config(target_modules=["0"], feedforward_modules=[]))
+    report = tunefast.patch(model)
+    assert not report.patched and "Conv2d" in report.skipped[0].reason, str(report)

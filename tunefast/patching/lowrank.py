@@ -1,0 +1,295 @@
+"""PEFT's other low-rank and diagonal layers -> the fused LoRA op, found by module type.
+
+Each method below is an instance of ``tunefast.ops.lora.lora_linear`` (y = x W^T + b + sum_i s_i *
+(drop_i(x) A_i^T) B_i^T, optional column scale g), reached by folding its extra vectors into A or B
+with a cheap (r, K) / (N, r) autograd product; gradients of the folded vectors come from autograd:
+
+  AdaLoRA SVDLinear   s/(ranknum+1e-5) * (x (A*E)^T) B^T    A' = A * (E * s/(ranknum+1e-5)), s' = 1
+  VeRA Linear         b * ((x A_s^T) * d) B_s^T             A' = d * A_s, B' = b * B_s, s' = 1
+                      (A_s, B_s: the model's shared frozen projections, sliced to this layer)
+  (IA)3 Linear (k/v)  (x W^T + b) * l                       g = l, bias b * l, a rank-0 adapter
+  LoRA Embedding      E[ids] + s * A^T[ids] B^T             a gather (no down-projection), one addmm
+
+AdaLoRA's ``update_and_allocate`` masks E in place between steps: E is read at every call, so the
+fused path follows the rank allocation. Anything not reproduced exactly (feed-forward (IA)3, DoRA or
+TP embeddings, other base layer types, custom dropouts) is a Skip with a reason and runs PEFT's forward.
+
+Caution: the (IA)3 path takes l's gradient from the op's column-scale rule dL/dg = sum_t dy (y - b') / g
+(ops/lora.py), which is NaN where an entry of l is exactly 0 (PEFT gives a finite gradient there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as _backend
+from ..ops._checks import SUPPORTED_DTYPES
+from ..ops.lora import lora_linear
+from .lora import _base, _cast, _dropout_p, _transposed_storage
+from .registry import Patch, Skip, register
+
+ADALORA_EPS = 1e-5  # PEFT's SVDLinear divides by (ranknum + 1e-5)
+
+
+def _base_skip(module) -> Skip | None:
+    """A Skip when the frozen base layer cannot go through the fused op, else None."""
+    base = module.get_base_layer()
+    if _transposed_storage(base) is None:
+        return Skip(f"{type(module).__name__} on a {type(base).__name__} base is not accelerated yet")
+    weight = base.weight
+    if hasattr(weight, "ds_id") or weight.numel() == 0:
+        return Skip("base weight is partitioned (DeepSpeed ZeRO-3): PEFT's forward runs")
+    if weight.is_meta:
+        raise ValueError("the model has meta-device weights (shape only, no data): load or materialise them "
+                         "before tunefast.patch")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return Skip(f"base weight dtype {weight.dtype} (fused kernels take float32, float16, bfloat16)")
+    if weight.requires_grad:
+        return Skip("base weight is trainable; the fused op never forms base-weight gradients")
+    return None
+
+
+def _state_skip(module, kernel: str) -> Skip | None:
+    if module.merged:
+        return Skip(f"adapters merged into the base weight; {kernel} resumes after unmerge", resumes=True)
+    if module.disable_adapters:
+        return Skip(f"adapters disabled; {kernel} resumes when enabled", resumes=True)
+    return None
+
+
+def _kernel(name: str, module, backend: str) -> str:
+    return f"{name}[{_backend.resolve(backend, module.get_base_layer().weight.device)}]"
+
+
+def _dispatch(self, x, args, kwargs, fused):
+    """``fused(self, x)`` when the call is a plain one on live adapters, else PEFT's own forward
+    (merged or disabled adapters, extra arguments, or ``fused`` returning None)."""
+    out = None
+    if isinstance(x, torch.Tensor) and not args and not kwargs and not (self.disable_adapters or self.merged):
+        out = fused(self, x)
+    if out is None:
+        return self._tunefast_original_class.forward(self, x, *args, **kwargs)
+    return out
+
+
+def _run(self, x, a_w, b_w, scalings, ps, *, extra_bias=None):
+    """lora_linear on the frozen base with adapters (A_i, B_i); None where PEFT's forward must run."""
+    base = _base(self)
+    if base is None or None in ps:
+        return None
+    weight, bias = base
+    cast = _cast(x, weight, bias, [*a_w, *b_w])
+    if cast is None:
+        return None
+    x, weight, bias, rest = cast
+    n = len(a_w)
+    if any(t.dtype != rest[0].dtype for t in rest):
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_linear(x, weight, bias, rest[:n], rest[n:], scalings, ps, backend=self._tunefast_backend)
+
+
+# ---------------------------------------------------------------------------------------------------
+# AdaLoRA SVDLinear
+# ---------------------------------------------------------------------------------------------------
+
+
+def decide_adalora(module, backend):
+    skip = _base_skip(module)
+    if skip is not None:
+        return skip
+    bad = [a for a in module.lora_A if _dropout_p(module.lora_dropout[a]) is None]
+    if bad:
+        return Skip(f"custom lora_dropout module for adapter(s) {bad}")
+    kernel = _kernel("lora_linear", module, backend)
+    skip = _state_skip(module, kernel)
+    if skip is not None:
+        return skip
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    detail = ", ".join(f"{a}: r={module.r[a]}" for a in active)
+    return Patch(kernel, f"AdaLoRA ({detail}); E and s/ranknum folded into A")
+
+
+def _adalora_fused(self, x):
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if not active:
+        return None
+    a_w, b_w = [], []
+    for a in active:
+        # one (r, 1) vector: E * scaling / (ranknum + 1e-5), then one (r, K) product with A
+        per_rank = self.lora_E[a] * (self.scaling[a] / (self.ranknum[a] + ADALORA_EPS))
+        a_w.append(self.lora_A[a] * per_rank)
+        b_w.append(self.lora_B[a])
+    ps = [_dropout_p(self.lora_dropout[a]) for a in active]
+    return _run(self, x, a_w, b_w, [1.0] * len(active), ps)
+
+
+def forward_adalora(self, x, *args, **kwargs):
+    """Forward of a patched ``peft.tuners.adalora.SVDLinear`` (see the module docstring)."""
+    return _dispatch(self, x, args, kwargs, _adalora_fused)
+
+
+# ---------------------------------------------------------------------------------------------------
+# VeRA Linear
+# ---------------------------------------------------------------------------------------------------
+
+
+def decide_vera(module, backend):
+    skip = _base_skip(module)
+    if skip is not None:
+        return skip
+    if getattr(module, "quantization_backend", None) is not None:
+        return Skip("VeRA on a quantised base is not accelerated yet")
+    bad = [a for a in module.vera_lambda_d if _dropout_p(module.vera_dropout[a]) is None]
+    if bad:
+        return Skip(f"custom vera_dropout module for adapter(s) {bad}")
+    kernel = _kernel("lora_linear", module, backend)
+    skip = _state_skip(module, kernel)
+    if skip is not None:
+        return skip
+    active = [a for a in module.active_adapters if a in module.vera_lambda_d]
+    detail = ", ".join(f"{a}: r={module.r[a]}" for a in active)
+    return Patch(kernel, f"VeRA ({detail}); d folded into shared A, b into shared B")
+
+
+def _vera_fused(self, x):
+    active = [a for a in self.active_adapters if a in self.vera_lambda_d]
+    if not active:
+        return None
+    a_w, b_w = [], []
+    for a in active:
+        d, b = self.vera_lambda_d[a], self.vera_lambda_b[a]
+        shared_a = self.vera_A[a][:, : self.in_features].to(x.device)  # (r, K) slice of the shared A
+        shared_b = self.vera_B[a][: self.out_features, :].to(x.device)  # (N, r) slice of the shared B
+        a_w.append(d.unsqueeze(-1) * shared_a)
+        b_w.append(b.unsqueeze(-1) * shared_b)
+    ps = [_dropout_p(self.vera_dropout[a]) for a in active]
+    return _run(self, x, a_w, b_w, [1.0] * len(active), ps)
+
+
+def forward_vera(self, x, *args, **kwargs):
+    """Forward of a patched ``peft.tuners.vera.Linear``: shared A/B with per-layer d/b folded in."""
+    return _dispatch(self, x, args, kwargs, _vera_fused)
+
+
+# ---------------------------------------------------------------------------------------------------
+# (IA)3 Linear
+# ---------------------------------------------------------------------------------------------------
+
+
+def decide_ia3(module, backend):
+    skip = _base_skip(module)
+    if skip is not None:
+        return skip
+    if module.is_feedforward:
+        return Skip("(IA)3 on a feed-forward layer scales the input features; the fused op has no "
+                    "per-feature input scale yet, PEFT's forward runs")
+    kernel = _kernel("lora_linear", module, backend)
+    skip = _state_skip(module, kernel)
+    if skip is not None:
+        return skip
+    active = [a for a in module.active_adapters if a in module.ia3_l]
+    return Patch(kernel, f"(IA)3 output scale as the column scale ({', '.join(active)})")
+
+
+def _ia3_fused(self, x):
+    active = [a for a in self.active_adapters if a in self.ia3_l]
+    base = _base(self)
+    if not active or base is None:
+        return None
+    weight, bias = base
+    scale = self.ia3_l[active[0]].flatten()
+    for a in active[1:]:
+        scale = scale * self.ia3_l[a].flatten()
+    if x.dtype != weight.dtype or scale.dtype != weight.dtype or x.dtype not in SUPPORTED_DTYPES:
+        return None  # PEFT's promotions between l's and the base's dtypes run as PEFT writes them
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    # (x W^T + b) * l = l * (x W^T) + b * l: the op's column scale, with the bias pre-scaled.
+    n, k = weight.shape
+    empty_a, empty_b = x.new_zeros(0, k), x.new_zeros(n, 0)  # rank 0: no low-rank term
+    scaled_bias = bias * scale if bias is not None else None
+    y, _ = torch.ops.tunefast.lora_linear_fwd(x, weight, scaled_bias, [empty_a], [empty_b], [1.0], [0.0], None,
+                                              scale, self._tunefast_backend)
+    return y
+
+
+def forward_ia3(self, x, *args, **kwargs):
+    """Forward of a patched ``peft.tuners.ia3.Linear`` (k/v-type layers: output scale)."""
+    return _dispatch(self, x, args, kwargs, _ia3_fused)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA on nn.Embedding
+# ---------------------------------------------------------------------------------------------------
+
+
+def decide_embedding(module, backend):
+    base = module.get_base_layer()
+    if not isinstance(base, torch.nn.Embedding):
+        return Skip(f"LoRA Embedding on a {type(base).__name__} base is not accelerated yet")
+    if base.max_norm is not None:
+        return Skip("embedding with max_norm renormalises A^T rows in place inside PEFT's forward; PEFT's forward runs")
+    if module.lora_variant:
+        return Skip(f"LoRA Embedding variant(s) {sorted(type(v).__name__ for v in module.lora_variant.values())} "
+                    "not accelerated yet")
+    if getattr(module, "tp_layer", None) is not None:
+        return Skip("tensor-parallel LoRA Embedding is not accelerated yet")
+    if base.weight.requires_grad:
+        return Skip("base embedding is trainable; PEFT's forward runs")
+    if module._get_embed_scale() is not None:
+        return Skip("scaled word embedding (embed_scale): not accelerated yet, PEFT's forward runs")
+    kernel = "lora_embedding[reference]"  # a gather and one addmm: no Triton kernel for this one yet
+    skip = _state_skip(module, kernel)
+    if skip is not None:
+        return skip
+    active = [a for a in module.active_adapters if a in module.lora_embedding_A]
+    return Patch(kernel, ", ".join(f"{a}: r={module.r[a]}" for a in active) + "; gather of A^T rows + one addmm")
+
+
+def _embedding_fused(self, x):
+    active = [a for a in self.active_adapters if a in self.lora_embedding_A]
+    if not active:
+        return None
+    result = self.base_layer(x)
+    n = result.shape[-1]
+    for a in active:
+        emb_a, emb_b = self.lora_embedding_A[a], self.lora_embedding_B[a]
+        if emb_a.dtype != result.dtype or emb_b.dtype != result.dtype:
+            return None
+        after_a = self._embed(x, emb_a.t())  # (*, r): PEFT's own gather (padding_idx, sparse, ... as the base)
+        # one pass over the (M, N) output instead of PEFT's matmul, scale and add
+        result = torch.addmm(result.reshape(-1, n), after_a.reshape(-1, after_a.shape[-1]), emb_b.t(),
+                             alpha=float(self.scaling[a])).view(result.shape)
+    return result
+
+
+def forward_embedding(self, x, *args, **kwargs):
+    """Forward of a patched ``peft.tuners.lora.Embedding``: a gather instead of the down-projection."""
+    return _dispatch(self, x, args, kwargs, _embedding_fused)
+
+
+def _skip_layer(name):
+    def decide(module, backend):
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
+        on = f" on a {type(base).__name__} base" if base is not None else ""
+        return Skip(f"{name} layer type {type(module).__name__}{on} is not accelerated yet")
+
+    return decide
+
+
+def register_handlers() -> None:
+    try:
+        from peft.tuners.adalora import layer as adalora
+        from peft.tuners.ia3 import layer as ia3
+        from peft.tuners.lora import layer as lora
+        from peft.tuners.vera import layer as vera
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return
+    register(adalora.SVDLinear, decide_adalora, forward_adalora)
+    register(vera.VeraLayer, _skip_layer("VeRA"))
+    register(vera.Linear, decide_vera, forward_vera)
+    register(ia3.IA3Layer, _skip_layer("(IA)3"))
+    register(ia3.Linear, decide_ia3, forward_ia3)
+    register(lora.Embedding, decide_embedding, forward_embedding)
