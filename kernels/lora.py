@@ -18,17 +18,16 @@ Caution:
     launchers set UPCAST for the interpreter; on a GPU low-precision operands go to the tensor cores.
   * fp32 dots follow torch's matmul precision setting ("ieee" unless TF32 is allowed), so fp32
     parity with PEFT holds on a GPU too.
-  * Autotuning runs only on a GPU; the interpreter always uses one small fixed config.
+  * Configs per architecture and dtype, autotuning (a GPU only) and the precision / upcast rules are
+    kernels/launch.py's; the interpreter always uses one small fixed config.
 """
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .dropout import philox_keep
-from .tuning import autotune_enabled
+from . import launch
 
 
 @triton.jit
@@ -174,76 +173,63 @@ def _dropout_matmul_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch configuration (kernels/launch.py holds the rules)
 # ----------------------------------------------------------------------------------------------------
+
+# Matmul tiles for Ampere/Hopper (Triton tutorial 03's list plus narrow-N tiles for ranks 8-64):
+# BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps.
+_TILES = [
+    (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4),
+    (64, 32, 64, 5, 2), (128, 16, 64, 4, 4), (64, 16, 128, 4, 4), (32, 64, 64, 5, 2),
+]
+
+
+def _configs(arch, named):
+    return [
+        triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_stages=s, num_warps=w)
+        for m, n, k, s, w in _TILES
+    ]
+
+
+def _fixed(arch, named, fits):
+    # A mid-size tile that fits every shape here (narrow rank outputs are masked), 4 warps, 3 stages.
+    return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
+
+
+def _linear_smem(c, named):
+    kw = c.kwargs
+    main = launch.elem_bytes(named["a_ptr"], named["UPCAST_MAIN"])
+    low = launch.elem_bytes(named["l_ptr"], named["UPCAST_LR"])
+    stages = launch.pipeline_smem(c, (kw["BLOCK_M"], kw["BLOCK_K"]), (kw["BLOCK_K"], kw["BLOCK_N"]), elem=main)
+    lowrank = launch.pipeline_smem(c, (kw["BLOCK_M"], named["BLOCK_R"]), (named["BLOCK_R"], kw["BLOCK_N"]), elem=low)
+    return max(stages if named["HAS_MAIN"] else 0, lowrank)
+
+
+def _matmul_smem(c, named):
+    kw = c.kwargs
+    elem = launch.elem_bytes(named["a_ptr"], named["UPCAST"])
+    return launch.pipeline_smem(c, (kw["BLOCK_M"], kw["BLOCK_K"]), (kw["BLOCK_K"], kw["BLOCK_N"]), elem=elem)
+
+
+def _prune(configs, named):
+    # Tiles far wider than the matrix only waste work: keep those within 2x of M and N (min 16).
+    m = max(16, triton.next_power_of_2(named["M"]))
+    n = max(16, triton.next_power_of_2(named["N"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= 2 * m and c.kwargs["BLOCK_N"] <= 2 * n]
+
 
 # One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
 _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
-
-def _gpu_configs():
-    """Matmul tiles for Ampere/Hopper (Triton tutorial 03's list plus narrow-N tiles for ranks 8-64)."""
-    tiles = [
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4),
-        (64, 32, 64, 5, 2), (128, 16, 64, 4, 4), (64, 16, 128, 4, 4), (32, 64, 64, 5, 2),
-    ]
-    return [
-        triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_stages=s, num_warps=w)
-        for m, n, k, s, w in tiles
-    ]
-
-
-def _prune(configs, named_args, **_):
-    # Tiles far wider than the matrix only waste work: keep those within 2x of M and N (min 16).
-    m = max(16, triton.next_power_of_2(named_args["M"]))
-    n = max(16, triton.next_power_of_2(named_args["N"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= 2 * m and c.kwargs["BLOCK_N"] <= 2 * n]
-    return kept or configs[-1:]
-
-
-def _size_key(*sizes):
-    # Autotune key: log2 buckets of the sizes packed in one int (the kernels ignore it), so a new
-    # token count does not trigger a fresh tuning run but a 16x larger one does.
-    return sum(int(s).bit_length() << (6 * i) for i, s in enumerate(sizes))
-
-
-@functools.cache
-def _tuned(kernel_name):
-    kernel = globals()[kernel_name]
-    restore = ["c_ptr"] if kernel_name == "_lora_linear_kernel" else []
-    return triton.autotune(
-        configs=_gpu_configs(),
-        key=["size_key"],
-        prune_configs_by={"early_config_prune": _prune},
-        restore_value=restore,
-    )(kernel)
-
-
-# The fixed GPU config when autotuning is off (TUNEFAST_AUTOTUNE=0): a mid-size tile that fits every
-# shape here (narrow rank outputs are masked), 4 warps, 3 stages.
-_GPU_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
-
-
-def _launch(kernel_name, grid_fn, args, meta, on_gpu):
-    if on_gpu and autotune_enabled():
-        _tuned(kernel_name)[grid_fn](*args, **meta)
-    elif on_gpu:
-        globals()[kernel_name][grid_fn(_GPU_META)](*args, **meta, **_GPU_META, num_warps=4, num_stages=3)
-    else:
-        kernel = globals()[kernel_name]
-        kernel[grid_fn(_INTERPRET_META)](*args, **meta, **_INTERPRET_META)
-
-
-def _precision(t: torch.Tensor) -> str:
-    # Applies to fp32 dots only (Triton ignores it for fp16/bf16): mirror torch's matmul setting.
-    return "tf32" if (t.is_cuda and torch.get_float32_matmul_precision() != "highest") else "ieee"
-
-
-def _upcast(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Mixed operand dtypes are multiplied in fp32 (what PEFT's .to(lora dtype) does); the interpreter
-    # cannot multiply bf16/fp16 at all (see Caution above).
-    return a.dtype != b.dtype or (not a.is_cuda and a.dtype != torch.float32)
+_LINEAR = launch.Kernel(
+    _lora_linear_kernel, configs=_configs, smem=_linear_smem, fixed=_fixed, prune=_prune,
+    interpret=_INTERPRET_META, restore=["c_ptr"],  # ACCUMULATE reads c: every trial starts from the same c
+)
+_MATMUL = launch.Kernel(
+    _dropout_matmul_kernel, configs=_configs, smem=_matmul_smem, fixed=_fixed, prune=_prune,
+    interpret=_INTERPRET_META,
+)
 
 
 def _block_r(rank: int) -> int:
@@ -273,28 +259,28 @@ def lora_linear(out, a, b, bias, l, u, lr_scale, seed=None, threshold=0, *, has_
         M, N, K, R, int(x_row0),
         a_.stride(0), a_.stride(1), b_.stride(0), b_.stride(1), out.stride(0), out.stride(1),
         l.stride(0), l.stride(1), u.stride(0), u.stride(1),
-        int(threshold), float(lr_scale), _size_key(M, N, K, R),
+        int(threshold), float(lr_scale), launch.size_key(M, N, K, R),
     )
     meta = dict(
         HAS_MAIN=has_main, HAS_BIAS=bias is not None, DROPOUT=dropout, ACCUMULATE=accumulate,
         HAS_COL_SCALE=col_scale is not None,
-        UPCAST_MAIN=_upcast(a_, b_) if has_main else False, UPCAST_LR=_upcast(l, u),
-        PRECISION=_precision(out),
+        UPCAST_MAIN=launch.upcast(a_, b_) if has_main else False, UPCAST_LR=launch.upcast(l, u),
+        PRECISION=launch.precision(out),
         BLOCK_R=_block_r(R),
     )
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-    _launch("_lora_linear_kernel", grid, args, meta, out.is_cuda)
+    _LINEAR.launch(grid, args, meta, like=out)
     return out
 
 
-def _split_k(M, N, K, on_gpu, split_k):
+def _split_k(M, N, K, like, split_k):
     if split_k is not None:
         return max(1, min(split_k, triton.cdiv(K, 16)))
-    if not on_gpu or K < 4096:
+    if not launch.on_gpu(like) or K < 4096:
         return 1
     # Reductions over tokens (dA: r x in, dB: out x r) have few output tiles but long K: split K
     # until there are ~2 tiles per SM. 64x64 tiles assumed for the estimate.
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = launch.sm_count(like)
     tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
     return max(1, min(2 * sms // max(tiles, 1), K // 2048, 64))
 
@@ -310,9 +296,8 @@ def dropout_matmul(a, b, out_dtype, scale=1.0, seed=None, threshold=0, *, drop=N
     N = b.shape[1]
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), device=a.device, dtype=out_dtype)
-    on_gpu = a.is_cuda
     dropout = drop is not None and seed is not None and threshold > 0
-    splits = _split_k(M, N, K, on_gpu, split_k)
+    splits = _split_k(M, N, K, a, split_k)
     k_per_split = triton.cdiv(triton.cdiv(K, splits), 256) * 256 if splits > 1 else max(K, 1)
     splits = triton.cdiv(K, k_per_split) if K > 0 else 1
     if splits > 1:
@@ -324,12 +309,32 @@ def dropout_matmul(a, b, out_dtype, scale=1.0, seed=None, threshold=0, *, drop=N
         a, b, out, seed if dropout else out,
         M, N, K, x_cols, int(x_row0),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        int(threshold), float(scale), k_per_split, _size_key(M, N, K),
+        int(threshold), float(scale), k_per_split, launch.size_key(M, N, K),
     )
     meta = dict(
         DROP_A=dropout and drop == "a", DROP_B=dropout and drop == "b",
-        UPCAST=_upcast(a, b), PRECISION=_precision(a),
+        UPCAST=launch.upcast(a, b), PRECISION=launch.precision(a),
     )
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
-    _launch("_dropout_matmul_kernel", grid, args, meta, on_gpu)
+    _MATMUL.launch(grid, args, meta, like=a)
     return out.sum(0).to(out_dtype) if splits > 1 else out[0]
+
+
+@launch.aot_examples
+def _examples():
+    """The launches of tunefast/ops/lora.py's forward and backward (with dropout) per dtype pair and rank."""
+    m, k, n = 64, 256, 192
+    seed = torch.zeros(1, dtype=torch.int64)
+    for act, adapter in launch.DTYPES:
+        x, w = torch.empty(m, k, dtype=act), torch.empty(n, k, dtype=act)
+        for r in launch.RANKS:
+            a, b = torch.empty(r, k, dtype=adapter), torch.empty(n, r, dtype=adapter)
+            xa = dropout_matmul(x, a.t(), adapter, 2.0, seed, 1 << 30, drop="a")
+            y = torch.empty(m, n, dtype=act)
+            lora_linear(y, x, w.t(), torch.empty(n, dtype=act), xa, b.t(), 0.5)
+            lora_linear(y, x, w.t(), None, xa, b.t(), 0.5, has_main=False, accumulate=True)  # second adapter
+            dy = torch.empty(m, n, dtype=act)
+            dropout_matmul(dy.t(), xa, adapter, 0.5)  # dB
+            dxa = dropout_matmul(dy, b, adapter, 0.5)
+            dropout_matmul(dxa.t(), x, adapter, 2.0, seed, 1 << 30, drop="b")  # dA
+            lora_linear(torch.empty(m, k, dtype=act), dy, w, None, dxa, a, 2.0, seed, 1 << 30)  # dx

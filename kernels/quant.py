@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 FORMATS = {"nf4": 0, "fp4": 0, "int8": 1}  # FMT constexpr: 0 = 4-bit packed nibbles, 1 = int8 rows
 # ROUND1 / ROUND2 constexprs: round the float32 values to fp16 (1) or bf16 (2) before the output cast
 _ROUND = {None: 0, torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -109,10 +111,17 @@ def _dequantize_kernel(
     tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :] * stride_ok, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _smem(c, named):
+    return 0  # no dots, no pipelined loops, no reductions: registers only
+
+
 # Interpreter: each program costs ~ms on CPU, so few large tiles. GPU: 32 x 128 tiles (4 KiB of
 # output in bf16 per program), enough programs to fill the SMs for any layer of >= 1M elements.
-_INTERPRET_META = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4)
-_GPU_META = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4)
+# enable_fp_fusion=False: see Caution (bit-exact double-quant absmax). No autotuning: memory-bound.
+_DEQUANTIZE = launch.Kernel(
+    _dequantize_kernel, configs=lambda arch, named: [triton.Config(dict(BLOCK_N=32, BLOCK_K=128), num_warps=4)],
+    smem=_smem, key=(), interpret=dict(BLOCK_N=64, BLOCK_K=128), options=dict(enable_fp_fusion=False),
+)
 
 
 def dequantize(
@@ -136,17 +145,29 @@ def dequantize(
     if len(round_through) > 2:
         raise ValueError(f"round_through takes at most two dtypes, got {round_through}")
     rounds = [_ROUND[d] for d in round_through] + [0, 0]
-    on_gpu = q.is_cuda
-    meta = dict(_GPU_META if on_gpu else _INTERPRET_META)
-    if on_gpu:
-        meta["enable_fp_fusion"] = False  # see Caution: bit-exact double-quant absmax
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
     dummy = absmax
-    _dequantize_kernel[grid](
+    args = (
         out, q, absmax, code if fmt == 0 else dummy,
         absmax_code if nested else dummy, absmax_scale if nested else dummy, offset if nested else dummy,
         n, k, out.stride(0), out.stride(1), 1.0 / 127.0,
-        FMT=fmt, NESTED=nested, BLOCKSIZE=max(int(blocksize), 1), ABSMAX_BLOCKSIZE=max(int(absmax_blocksize), 1),
-        ROUND1=rounds[0], ROUND2=rounds[1], SOFT_RNE=not on_gpu, **meta,
     )
+    meta = dict(
+        FMT=fmt, NESTED=nested, BLOCKSIZE=max(int(blocksize), 1), ABSMAX_BLOCKSIZE=max(int(absmax_blocksize), 1),
+        ROUND1=rounds[0], ROUND2=rounds[1], SOFT_RNE=not launch.on_gpu(q),
+    )
+    _DEQUANTIZE.launch(lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(k, c["BLOCK_K"])), args, meta, like=q)
     return out
+
+
+@launch.aot_examples
+def _examples():
+    """nf4 / fp4 with and without double quantisation, and int8, into each compute dtype."""
+    n, k, blocksize = 64, 256, 64
+    code, code256 = torch.empty(16), torch.empty(256)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for nested in (False, True):
+            absmax = torch.empty(n * k // blocksize, dtype=torch.uint8 if nested else torch.float32)
+            extra = (code256, torch.empty(n * k // blocksize // 256 + 1), 256, torch.empty(1)) if nested else ()
+            dequantize(torch.empty(n * k // 2, dtype=torch.uint8), absmax, code, "nf4", (n, k), blocksize, *extra,
+                       dtype=dtype, round_through=(torch.bfloat16,))
+        dequantize(torch.empty(n, k, dtype=torch.int8), torch.empty(n), None, "int8", (n, k), dtype=dtype)

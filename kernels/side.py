@@ -18,17 +18,16 @@ Caution:
     16k tokens that is 128 MB more traffic per rung (~30 us on an H200), bought for not keeping p.
   * Under TRITON_INTERPRET=1 ``tl.dot`` on bf16/fp16 returns garbage, so UPCAST is set there; on a GPU
     h and W of one dtype go to the tensor cores, mixed dtypes (bf16 h, fp32 side) are multiplied in fp32.
-  * Autotuning runs only on a GPU; the interpreter always uses one small fixed config.
+  * Configs, autotuning (a GPU only) and precision / upcast rules: kernels/launch.py; the interpreter
+    always uses one small fixed config.
 """
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .lora import dropout_matmul  # dW = dp^T h: a plain matmul with split-K over tokens
-from .tuning import autotune_enabled
+from . import launch
 
 MAX_SIDE_WIDTH = 1024
 PART_ROWS = 16  # rows per partial-sum slice in the backward (the smallest BLOCK_M)
@@ -180,80 +179,56 @@ def _slice_sums(t, SLICES: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_N: tl.co
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch configuration (kernels/launch.py holds the rules)
 # ----------------------------------------------------------------------------------------------------
 
 # One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
+# Shared by both kernels (the tests vary its BLOCK_M).
 _INTERPRET_META = dict(BLOCK_M=32, BLOCK_D=32)
 
-
-def _gpu_configs():
-    """Row tiles x reduction tiles for Ampere/Hopper; the side width N is one whole tile (not tuned).
-    The narrow-BLOCK_D, few-stage tiles exist for wide side networks (N up to 1024, see _prune)."""
-    tiles = [  # BLOCK_M, BLOCK_D, num_warps, num_stages
-        (16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 8, 2), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3),
-        (64, 32, 4, 4), (64, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3),
-        (16, 32, 4, 2), (16, 32, 8, 2), (16, 16, 4, 2), (16, 16, 4, 1), (32, 32, 4, 2),
-    ]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_D=d), num_warps=w, num_stages=s) for m, d, w, s in tiles]
+# Row tiles x reduction tiles for Ampere/Hopper; the side width N is one whole tile (not tuned). The
+# narrow-BLOCK_D, few-stage tiles exist for wide side networks (N up to 1024, see _configs).
+_TILES = [  # BLOCK_M, BLOCK_D, num_warps, num_stages
+    (16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 8, 2), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3),
+    (64, 32, 4, 4), (64, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3),
+    (16, 32, 4, 2), (16, 32, 8, 2), (16, 16, 4, 2), (16, 16, 4, 1), (32, 32, 4, 2),
+]
 
 
-# Shared memory a config may stage: num_stages x (h tile + W tile). 96 KiB fits every Ampere/Hopper
-# part (A100: 163 KiB per block, H100/H200: 227 KiB, consumer Ampere: 99 KiB).
-_SMEM_BUDGET = 96 * 1024
+def _elem(named):
+    # Dot operands are staged in fp32 when upcast (N = 1024, BLOCK_D = 64, 3 stages: 800 KiB).
+    return launch.elem_bytes(named["h_ptr"], named["UPCAST"])
 
 
-def _smem(config, block_n, elem_bytes):
-    bm, bd = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"]
-    return config.num_stages * (bm + block_n) * bd * elem_bytes
+def _smem(c, named):
+    bm, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"]
+    return launch.pipeline_smem(c, (bm, bd), (bd, named["BLOCK_N"]), elem=_elem(named))
 
 
-def _prune(configs, named_args, budget, **kwargs):
-    # Register budget in (BLOCK_M x BLOCK_N) fp32 elements: past 16k per program the forward spills
-    # on 4 warps; the backward holds ~3x more live tiles. Row tiles far taller than M only waste work.
-    # Dot operands are staged in shared memory in fp32 when upcast: N = 1024 with BLOCK_D = 64 over
-    # 3 stages would need 800 KiB.
-    n = kwargs["BLOCK_N"]
-    elem = 4 if kwargs["UPCAST"] or named_args["h_ptr"].dtype == torch.float32 else 2
-    m = max(16, triton.next_power_of_2(named_args["M"]))
-    kept = [
-        c for c in configs
-        if c.kwargs["BLOCK_M"] * n <= budget and c.kwargs["BLOCK_M"] <= 2 * m and _smem(c, n, elem) <= _SMEM_BUDGET
-    ]
-    return kept or [min(configs, key=lambda c: (_smem(c, n, elem), -c.num_warps))]
+def _configs_for(budget):
+    def configs(arch, named):
+        # Register budget in (BLOCK_M x BLOCK_N) fp32 elements: past 16k per program the forward spills
+        # on 4 warps; the backward holds ~3x more live tiles.
+        tiles = [triton.Config(dict(BLOCK_M=m, BLOCK_D=d), num_warps=w, num_stages=s) for m, d, w, s in _TILES]
+        kept = [c for c in tiles if c.kwargs["BLOCK_M"] * named["BLOCK_N"] <= budget]
+        return kept or tiles[-5:-4]  # (16, 32, 4 warps, 2 stages): the smallest that still pipelines
+    return configs
 
 
-@functools.cache
-def _tuned(kernel_name, search=True):
-    """The autotuned kernel; with ``search`` False only the first config that fits runs (no timing)."""
-    budget = 16384 if kernel_name == "_ladder_merge_fwd_kernel" else 8192
-    prune = functools.partial(_prune, budget=budget)
-    first = lambda configs, named_args, **kw: prune(configs, named_args, **kw)[:1]  # noqa: E731
-    return triton.autotune(configs=_gpu_configs(), key=["size_key"],
-                           prune_configs_by={"early_config_prune": prune if search else first})(globals()[kernel_name])
+def _prune(configs, named):
+    # Row tiles far taller than M only waste work.
+    m = max(16, triton.next_power_of_2(named["M"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= 2 * m]
 
 
-def _launch(kernel_name, M, args, meta, on_gpu):
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)  # noqa: E731
-    if on_gpu:
-        _tuned(kernel_name, autotune_enabled())[grid](*args, **meta)
-    else:
-        globals()[kernel_name][grid(_INTERPRET_META)](*args, **meta, **_INTERPRET_META)
+_FWD = launch.Kernel(_ladder_merge_fwd_kernel, configs=_configs_for(16384), smem=_smem, prune=_prune,
+                     interpret=_INTERPRET_META)
+_BWD = launch.Kernel(_ladder_merge_bwd_kernel, configs=_configs_for(8192), smem=_smem, prune=_prune,
+                     interpret=_INTERPRET_META)
 
 
-def _size_key(*sizes):
-    # Autotune key: log2 buckets of (M, D, N) packed in one int, so a new token count does not
-    # trigger a fresh tuning run but a 16x larger one does.
-    return sum(int(s).bit_length() << (6 * i) for i, s in enumerate(sizes))
-
-
-def _precision(t: torch.Tensor) -> str:
-    # Applies to fp32 dots only (mixed bf16 h / fp32 side): mirror torch's matmul precision setting.
-    return "tf32" if (t.is_cuda and torch.get_float32_matmul_precision() != "highest") else "ieee"
-
-
-def _upcast(h: torch.Tensor, w: torch.Tensor) -> bool:
-    return h.dtype != w.dtype or (not h.is_cuda and h.dtype != torch.float32)
+def _grid(M):
+    return lambda c: (triton.cdiv(M, c["BLOCK_M"]),)
 
 
 def block_n(n: int) -> int:
@@ -274,13 +249,13 @@ def ladder_merge_forward(h, weight, bias, side, gate, norm_weight, norm_bias, ep
         M, D, N,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         y.stride(0), y.stride(1),
-        float(eps), _size_key(M, D, N),
+        float(eps), launch.size_key(M, D, N),
     )
     meta = dict(
         HAS_BIAS=bias is not None, HAS_SIDE=side is not None, HAS_NORM_BIAS=norm_bias is not None, RMS=rms,
-        UPCAST=_upcast(h, weight), PRECISION=_precision(h), BLOCK_N=block_n(N),
+        UPCAST=launch.upcast(h, weight), PRECISION=launch.precision(h), BLOCK_N=block_n(N),
     )
-    _launch("_ladder_merge_fwd_kernel", M, args, meta, h.is_cuda)
+    _FWD.launch(_grid(M), args, meta, like=h)
     return y
 
 
@@ -302,13 +277,13 @@ def ladder_merge_backward(dy, h, weight, bias, side, gate, norm_weight, eps, rms
         M, D, N, S,
         dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
         s.stride(0), s.stride(1), dp.stride(0), dp.stride(1), ds.stride(0), ds.stride(1),
-        float(eps), _size_key(M, D, N),
+        float(eps), launch.size_key(M, D, N),
     )
     meta = dict(
         HAS_BIAS=bias is not None, HAS_SIDE=has_side, RMS=rms, NEED_DSIDE=has_side and need_dside,
-        UPCAST=_upcast(h, weight), PRECISION=_precision(h), PART_ROWS=PART_ROWS, BLOCK_N=block_n(N),
+        UPCAST=launch.upcast(h, weight), PRECISION=launch.precision(h), PART_ROWS=PART_ROWS, BLOCK_N=block_n(N),
     )
-    _launch("_ladder_merge_bwd_kernel", M, args, meta, h.is_cuda)
+    _BWD.launch(_grid(M), args, meta, like=h)
     sums = part.sum(1)  # (3, N) fp32: dbias, dnorm_weight, dnorm_bias
     dweight = dropout_matmul(dp.t(), h, wdt) if need_dweight else None  # (N, M) @ (M, D), split over M
     return (
@@ -320,3 +295,19 @@ def ladder_merge_backward(dy, h, weight, bias, side, gate, norm_weight, eps, rms
         sums[2].to(norm_weight.dtype, copy=True),
     )
 
+
+
+@launch.aot_examples
+def _examples():
+    """Forward and backward per dtype pair and side width class (16 .. MAX_SIDE_WIDTH), LayerNorm with a
+    side state and RMSNorm without one (the two extremes of live tiles)."""
+    m, d = 64, 256
+    for act, param in launch.DTYPES:
+        h = torch.empty(m, d, dtype=act)
+        for n in (16, 64, 128, 256, 512, MAX_SIDE_WIDTH):
+            w, vec = torch.empty(n, d, dtype=param), torch.empty(n, dtype=param)
+            side, gate, dy = torch.empty(m, n, dtype=param), torch.empty(1), torch.empty(m, n, dtype=param)
+            ladder_merge_forward(h, w, vec, side, gate, vec, vec, 1e-5, False)
+            ladder_merge_forward(h, w, None, None, gate, vec, None, 1e-5, True)
+            ladder_merge_backward(dy, h, w, vec, side, gate, vec, 1e-5, False, True, False)
+            ladder_merge_backward(dy, h, w, None, None, gate, vec, 1e-5, True, False, False)

@@ -19,17 +19,15 @@ Caution:
   * Both kernels gather columns of row-major activations: on a GPU each (token, column) load is its own
     sector, 2 * M * nnz loads for the SDDMM at any density. Never run on a GPU yet; the autotune lists
     are starting points, not measured.
-  * Autotuning runs only on a GPU, and not with TUNEFAST_AUTOTUNE=0 (one fixed config, as the GPU tests
-    run); the interpreter always uses one small fixed config.
+  * Configs and autotuning (a GPU only, not with TUNEFAST_AUTOTUNE=0): kernels/launch.py; the
+    interpreter always uses one small fixed config.
 """
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .tuning import autotune_enabled
+from . import launch
 
 
 @triton.jit
@@ -111,15 +109,14 @@ def _sddmm_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch configuration (kernels/launch.py holds the rules)
 # ----------------------------------------------------------------------------------------------------
-
-# One small config per kernel for the CPU interpreter, where every program costs ~ms.
-_INTERPRET_META = {"_spmm_kernel": dict(BLOCK_T=16, BLOCK_S=16), "_sddmm_kernel": dict(BLOCK_T=16, BLOCK_NZ=32)}
 
 
 def _gpu_configs(kernel_name):
-    """Tiles for Ampere/Hopper. SpMM: (tokens, segments) tiles; SDDMM: (tokens per step, entries)."""
+    """Tiles for Ampere/Hopper, the first being the fixed one (4 warps). SpMM: (tokens, segments);
+    SDDMM: (tokens per step, entries). No tl.dot and no pipelined loads: shared memory is only
+    reductions' scratch."""
     if kernel_name == "_spmm_kernel":
         tiles = [(64, 32, 4), (128, 32, 4), (64, 64, 4), (32, 64, 4), (128, 64, 8), (256, 16, 4)]
         return [triton.Config(dict(BLOCK_T=t, BLOCK_S=s), num_warps=w) for t, s, w in tiles]
@@ -127,34 +124,21 @@ def _gpu_configs(kernel_name):
     return [triton.Config(dict(BLOCK_T=t, BLOCK_NZ=k), num_warps=w) for t, k, w in tiles]
 
 
-def _size_key(*sizes):
-    # log2 buckets of the sizes in one int: a new token count does not retune, a 16x larger one does.
-    return sum(int(s).bit_length() << (6 * i) for i, s in enumerate(sizes))
+def _scratch_smem(c, named):
+    # tl.max / tl.sum across a tile stage one fp32 per element of the reduced axis per warp at most.
+    return 4 * max(c.kwargs.values()) * c.num_warps
 
 
-@functools.cache
-def _tuned(kernel_name):
-    # The SpMM accumulates into out: every trial must start from the same out (restore_value).
-    restore = ["out_ptr"] if kernel_name == "_spmm_kernel" else []
-    return triton.autotune(configs=_gpu_configs(kernel_name), key=["size_key"], restore_value=restore)(
-        globals()[kernel_name]
-    )
-
-
-# The fixed GPU configs when autotuning is off (TUNEFAST_AUTOTUNE=0, kernels/tuning.py): the first of
-# each list (4 warps).
-_GPU_META = {name: _gpu_configs(name)[0].kwargs for name in ("_spmm_kernel", "_sddmm_kernel")}
-
-
-def _launch(kernel_name, grid_fn, args, meta, on_gpu):
-    if on_gpu and autotune_enabled():
-        _tuned(kernel_name)[grid_fn](*args, **meta)
-    elif on_gpu:
-        fixed = _GPU_META[kernel_name]
-        globals()[kernel_name][grid_fn(fixed)](*args, **meta, **fixed, num_warps=4)
-    else:
-        fixed = _INTERPRET_META[kernel_name]
-        globals()[kernel_name][grid_fn(fixed)](*args, **meta, **fixed)
+# One small config per kernel for the CPU interpreter, where every program costs ~ms.
+_SPMM = launch.Kernel(
+    _spmm_kernel, configs=lambda arch, named: _gpu_configs("_spmm_kernel"), smem=_scratch_smem,
+    interpret=dict(BLOCK_T=16, BLOCK_S=16),
+    restore=["out_ptr"],  # the SpMM accumulates into out: every trial must start from the same out
+)
+_SDDMM = launch.Kernel(
+    _sddmm_kernel, configs=lambda arch, named: _gpu_configs("_sddmm_kernel"), smem=_scratch_smem,
+    interpret=dict(BLOCK_T=16, BLOCK_NZ=32),
+)
 
 
 def spmm_(out, inp, seg_ptr, gather, values, perm=None, n_in=0):
@@ -172,21 +156,21 @@ def spmm_(out, inp, seg_ptr, gather, values, perm=None, n_in=0):
         out, inp, seg_ptr, gather, values, perm if transposed else gather,
         M, S, int(n_in),
         out.stride(0), out.stride(1), inp.stride(0), inp.stride(1),
-        _size_key(M, S, values.numel()),
+        launch.size_key(M, S, values.numel()),
     )
     grid = lambda m: (triton.cdiv(M, m["BLOCK_T"]), triton.cdiv(S, m["BLOCK_S"]))  # noqa: E731
-    _launch("_spmm_kernel", grid, args, dict(TRANSPOSED=transposed), out.is_cuda)
+    _SPMM.launch(grid, args, dict(TRANSPOSED=transposed), like=out)
     return out
 
 
-def _splits(M, nnz, on_gpu, splits):
+def _splits(M, nnz, like, splits):
     if splits is not None:
         return max(1, min(int(splits), M))
-    if not on_gpu:
+    if not launch.on_gpu(like):
         return 1
     # Few entries (0.1 % of 4096^2 is 16.8k: 131 programs of 128) leave SMs idle: split the tokens
     # until there are ~4 programs per SM, keeping >= 256 tokens per split.
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = launch.sm_count(like)
     programs = triton.cdiv(nnz, 128)
     return max(1, min(triton.cdiv(4 * sms, programs), M // 256, 64))
 
@@ -200,8 +184,7 @@ def sddmm(dy, x, indices, n_in, *, splits=None):
     nnz = indices.numel()
     if nnz == 0 or M == 0:
         return torch.zeros(nnz, device=dy.device, dtype=torch.float32)
-    on_gpu = dy.is_cuda
-    n_split = _splits(M, nnz, on_gpu, splits)
+    n_split = _splits(M, nnz, dy, splits)
     per = triton.cdiv(M, n_split)
     n_split = triton.cdiv(M, per)
     out = torch.empty((n_split, nnz), device=dy.device, dtype=torch.float32)
@@ -209,8 +192,24 @@ def sddmm(dy, x, indices, n_in, *, splits=None):
         out, dy, x, indices,
         M, nnz, int(n_in), per,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), out.stride(0),
-        _size_key(M, nnz),
+        launch.size_key(M, nnz),
     )
     grid = lambda m: (triton.cdiv(nnz, m["BLOCK_NZ"]), n_split)  # noqa: E731
-    _launch("_sddmm_kernel", grid, args, {}, on_gpu)
+    _SDDMM.launch(grid, args, {}, like=dy)
     return out[0] if n_split == 1 else out.sum(0)
+
+
+@launch.aot_examples
+def _examples():
+    """Forward (y += x Delta^T), backward (dx += dy Delta) and the values' gradient per activation dtype
+    and value dtype (bf16 activations with fp32 values is the common case)."""
+    m, n, k, nnz = 64, 96, 128, 500
+    idx = torch.arange(nnz, dtype=torch.int64) * 7
+    rows = torch.zeros(n + 1, dtype=torch.int64)
+    cols = torch.zeros(k + 1, dtype=torch.int64)
+    t_rows, t_perm = torch.zeros(nnz, dtype=torch.int32), torch.zeros(nnz, dtype=torch.int32)
+    for act, val in launch.DTYPES:
+        x, dy, values = torch.empty(m, k, dtype=act), torch.empty(m, n, dtype=act), torch.empty(nnz, dtype=val)
+        spmm_(torch.empty(m, n, dtype=act), x, rows, idx, values, n_in=k)
+        spmm_(torch.empty(m, k, dtype=act), dy, cols, t_rows, values, t_perm)
+        sddmm(dy, x, idx, k)
