@@ -1,0 +1,88 @@
+"""AdapterConfig: where bottleneck / parallel adapters go and what they compute. Validated on
+construction; what needs the model (its block types, hidden size) is checked in ``apply``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+PLACEMENTS = ("sequential", "parallel")
+SUBLAYERS = ("attention", "ffn")
+
+
+@dataclass
+class AdapterConfig:
+    bottleneck: int = field(default=16, metadata={
+        "help": "Bottleneck size r: the down-projection maps the hidden size to r, the up-projection back."})
+    activation: str = field(default="relu", metadata={
+        "help": "Nonlinearity between the projections: 'relu', 'gelu' (exact erf) or 'silu'."})
+    placement: str = field(default="sequential", metadata={
+        "help": "'sequential': the adapter reads a sublayer's output h and adds to it, h + adapter(h) "
+                "(Houlsby / Pfeiffer); 'parallel': it reads the sublayer's input x and adds to its output, "
+                "sublayer(x) + adapter(x) (He et al. 2022). Both act before the block's residual add."})
+    sublayers: tuple = field(default=("attention", "ffn"), metadata={
+        "help": "Which sublayers of every transformer block get an adapter: 'attention' and/or 'ffn'. "
+                "Houlsby: both; Pfeiffer: ('ffn',); He et al.'s parallel adapter: ('ffn',)."})
+    scaling: float = field(default=1.0, metadata={
+        "help": "s in sublayer + s * (act(x A^T + a) B^T + b) (He et al. use 4 for the parallel adapter)."})
+    dropout: float = field(default=0.0, metadata={
+        "help": "Dropout probability on the adapter's input, in [0, 1) (counter-based, redrawn in backward)."})
+    init_std: float = field(default=1e-2, metadata={
+        "help": "Std of the down-projection's normal init; the up-projection starts at zero, so a fresh "
+                "adapter is the identity (Houlsby's near-identity init)."})
+
+    def __post_init__(self):
+        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+            raise ValueError(f"bottleneck must be an int >= 1, got {self.bottleneck!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        subs = (self.sublayers,) if isinstance(self.sublayers, str) else tuple(self.sublayers)
+        if not subs or any(s not in SUBLAYERS for s in subs) or len(set(subs)) != len(subs):
+            raise ValueError(f"sublayers must be distinct entries of {SUBLAYERS}, got {self.sublayers!r}")
+        self.sublayers = subs
+        for name in ("scaling", "dropout", "init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+            setattr(self, name, float(v))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init_std < 0.0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
+
+    @classmethod
+    def houlsby(cls, **kw) -> "AdapterConfig":
+        """Sequential adapters after the attention and the feed-forward sublayers (Houlsby et al. 2019)."""
+        return cls(**{"placement": "sequential", "sublayers": ("attention", "ffn"), **kw})
+
+    @classmethod
+    def pfeiffer(cls, **kw) -> "AdapterConfig":
+        """One sequential adapter after the feed-forward sublayer (Pfeiffer et al. 2021)."""
+        return cls(**{"placement": "sequential", "sublayers": ("ffn",), **kw})
+
+    @classmethod
+    def parallel(cls, **kw) -> "AdapterConfig":
+        """He et al. (2022)'s scaled parallel adapter beside the feed-forward sublayer (s = 4)."""
+        return cls(**{"placement": "parallel", "sublayers": ("ffn",), "scaling": 4.0, **kw})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["sublayers"] = list(self.sublayers)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig field(s) {unknown}; fields are {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def help(cls) -> str:
+        """One line per field: name, default, help text."""
+        return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(cls))
