@@ -46,13 +46,36 @@ def roberta_prefix_model():
     return prefix_model("bert", base=tf.RobertaForSequenceClassification(cfg))
 
 
-def mistral_sliding_window_prefix_model():
-    """A family the kernel cannot take (sliding-window attention): for the report's skip reasons."""
-    cfg = tf.MistralConfig(vocab_size=M.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=16)
+SLIDING_FAMILIES = ("mistral", "qwen2-sliding", "gemma2", "gemma3")
+
+
+def sliding_window_base(family: str, window: int, **extra):
+    """Tiny decoders with sliding-window layers (head dim 16 = hidden / heads, as PEFT's prefix assumes).
+
+    mistral: every layer windowed; qwen2-sliding: layer 1 windowed (use_sliding_window, max_window_layers=1);
+    gemma2 / gemma3: alternating local / global layers (Gemma 2 without its logit soft-capping unless
+    ``extra`` sets it)."""
+    common = dict(vocab_size=M.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, sliding_window=window)
+    if family == "mistral":
+        cfg, cls = tf.MistralConfig(**common, **extra), tf.MistralForCausalLM
+    elif family == "qwen2-sliding":
+        cfg, cls = tf.Qwen2Config(**common, use_sliding_window=True, max_window_layers=1, **extra), tf.Qwen2ForCausalLM
+    elif family == "gemma2":
+        extra = {"attn_logit_softcapping": None, **extra}
+        cfg, cls = tf.Gemma2Config(**common, head_dim=16, **extra), tf.Gemma2ForCausalLM
+    elif family == "gemma3":
+        cfg = tf.Gemma3TextConfig(**common, head_dim=16, layer_types=["sliding_attention", "full_attention"], **extra)
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(f"unknown sliding-window family {family!r}; expected one of {SLIDING_FAMILIES}")
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    return prefix_model("llama", base=tf.MistralForCausalLM(cfg))
+    return cls(cfg)
+
+
+def sliding_window_prefix_model(family: str = "mistral", window: int = 16, *, projection: bool = False, **extra):
+    return prefix_model("llama", base=sliding_window_base(family, window, **extra), projection=projection)
 
 
 def peft_prefix_encoder_outputs(model, inputs):
@@ -78,6 +101,9 @@ def logits_loss_grads(model, inputs, forward=None):
     if forward is None:
         out = model(**inputs)
         logits, loss = out.logits, out.loss
+        if logits is None:  # a fused LM-head loss (tunefast's lm_head handler) keeps no logits: ask without labels
+            with torch.no_grad():
+                logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     else:
         logits, loss = forward(model, inputs)
     loss.backward()

@@ -23,6 +23,12 @@ def assert_parity(want, got):
         assert_rel_close(grads1[name], grads0[name], name)
 
 
+def attention_entries(report):
+    """(patched, skipped) entries of attention modules (other handlers, e.g. the LM head's, may patch too)."""
+    pick = lambda es: [e for e in es if e.name.endswith("attn") or e.name.endswith("attention")]  # noqa: E731
+    return pick(report.patched), pick(report.skipped)
+
+
 def peft_reference(model, inputs, family):
     forward = PM.peft_prefix_encoder_outputs if family == "bert" else None  # PEFT refuses BERT: its own semantics
     return PM.logits_loss_grads(model, inputs, forward)
@@ -164,17 +170,25 @@ def test_disabled_adapter_runs_the_base_model():
 
 
 def test_report_gives_reasons_when_the_model_cannot_be_patched(monkeypatch):
-    report = tunefast.patch(PM.mistral_sliding_window_prefix_model())
-    assert not report.patched and len(report.skipped) == 2
-    assert all("sliding_window=16" in e.reason for e in report.skipped)
+    cases = [
+        (PM.sliding_window_prefix_model("gemma2", 6, attn_logit_softcapping=50.0),
+         "soft-capping (attn_logit_softcapping=50.0)"),
+        (PM.sliding_window_prefix_model("gemma3", 6, use_bidirectional_attention=True), "bidirectional sliding"),
+    ]
+    base = M.base_model("llama")
+    base.config.attention_chunk_size = 8  # Llama 4's chunked local attention
+    cases.append((PM.prefix_model("llama", base=base), "chunked local attention (attention_chunk_size=8)"))
+    for model, reason in cases:
+        patched, skipped = attention_entries(tunefast.patch(model))
+        assert not patched and len(skipped) == 2 and all(reason in e.reason for e in skipped), (reason, skipped)
     # an attention module that does not call the attention interface blocks the whole model
     real = tp._calls_attention_interface
     monkeypatch.setattr(tp, "_calls_attention_interface", lambda cls: real(cls) and cls.__name__ != "GPT2Attention")
     model = PM.prefix_model("gpt2")
     impl = model.base_model.config._attn_implementation
-    report = tunefast.patch(model)
-    assert not report.patched and report.skipped
-    assert all("does not call transformers' attention interface" in e.reason for e in report.skipped), str(report)
+    patched, skipped = attention_entries(tunefast.patch(model))
+    assert not patched and skipped
+    assert all("does not call transformers' attention interface" in e.reason for e in skipped), skipped
     assert model.base_model.config._attn_implementation == impl
 
 
@@ -221,3 +235,76 @@ def test_prefix_is_computed_once_not_per_batch_element():
     cfg = model.active_peft_config
     assert prefix.shape == (cfg.num_layers, 2, 2, cfg.num_virtual_tokens, 16)
     assert prefix.untyped_storage().nbytes() == prefix.numel() * prefix.element_size()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sliding-window layers (issue 13 item 1, issue 11 item 14)
+# ----------------------------------------------------------------------------------------------------
+
+# Windows with the P = 5 prefix and T = 9 tokens: 16 >= P + T (every key inside: below the window),
+# 6 (the prefix drops out of the window of later queries: above it), 4 < P (PEFT's sliding cache for
+# Gemma keeps only the last W - 1 = 3 prefix tokens).
+SLIDING = [(f, w) for f in PM.SLIDING_FAMILIES for w in (16, 6, 4)]
+
+
+@pytest.mark.parametrize("family,window", SLIDING, ids=[f"{f}-w{w}" for f, w in SLIDING])
+def test_sliding_window_parity_with_peft(family, window):
+    model = PM.sliding_window_prefix_model(family, window)
+    patched = copy.deepcopy(model)
+    patched_entries, skipped = attention_entries(tunefast.patch(patched, backend="triton"))
+    assert len(patched_entries) == 2 and not skipped, (patched_entries, skipped)
+    assert any(f"sliding window {window}" in e.detail for e in patched_entries), patched_entries
+    inputs = M.batch("llama")
+    assert_parity(PM.logits_loss_grads(model, inputs), PM.logits_loss_grads(patched, inputs))
+
+
+def test_sliding_window_counts_the_prefix_positions(monkeypatch):
+    """Guards the semantics: PEFT's cache puts the prefix inside the window, so a kernel that kept the
+    prefix always visible would differ from PEFT once T + P > W (here W = 6, P = 5, T = 9)."""
+    import functools
+
+    from tunefast.patching import prefix_interface
+
+    model = PM.sliding_window_prefix_model("mistral", 6)
+    patched = copy.deepcopy(model)
+    tunefast.patch(patched, backend="reference")
+    inputs = M.batch("llama")
+    inputs.pop("labels")
+    want = model(**inputs).logits
+    torch.testing.assert_close(patched(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+    always = functools.partial(prefix_interface.prefix_attention, window_counts_prefix=False)
+    monkeypatch.setattr(prefix_interface, "prefix_attention", always)
+    assert not torch.allclose(patched(**inputs).logits, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("family,window,backend", [("mistral", 4096, "triton"), ("gemma2", 6, "reference")])
+def test_sliding_window_gradient_checkpointing(family, window, backend):
+    """Issue 11 item 14: Mistral's default config (sliding_window=4096) with prefix tuning and gradient
+    checkpointing crashed (PEFT's own path: "The size of tensor a (9) must match the size of tensor b
+    (14)"); patched, it equals PEFT without checkpointing."""
+    model = PM.sliding_window_prefix_model(family, window, projection=True)
+    patched = copy.deepcopy(model)
+    patched_entries, skipped = attention_entries(tunefast.patch(patched, backend=backend))
+    assert len(patched_entries) == 2 and not skipped, (patched_entries, skipped)
+    patched.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched.train()
+    inputs = M.batch("llama")
+    assert_parity(PM.logits_loss_grads(model, inputs), PM.logits_loss_grads(patched, inputs))
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_generate_matches_peft(family):
+    """Prompt 6 + prefix 5 + 4 new tokens run past the window of 6 while decoding."""
+    model = PM.sliding_window_prefix_model(family, 6)
+    model.eval()
+    patched = copy.deepcopy(model)
+    tunefast.patch(patched, backend="triton")
+    ids = torch.randint(3, M.VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    want, got = model.generate(**kw), patched.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,11 @@ PROMPT_TUNING and P_TUNING (virtual tokens prepended to the input embeddings): P
 encoder once and broadcasts it (``repeat``), then one ``cat``; neither keeps anything for backward, so
 the patched path would be the same computation: PEFT's path stays, with a report entry saying so.
 
+Sliding-window layers (Mistral, Qwen2 with use_sliding_window, Gemma 2/3 local layers) run the kernel
+with the model's window, which counts the prefix's positions exactly as PEFT's cache + transformers'
+masks do (prefix_interface.py); Gemma 2's logit soft-capping, chunked attention (Llama 4) and
+bidirectional windows are skipped with a reason.
+
 The whole model is patched or not at all (a layer left on the cache path would lose its prefix):
 every attention module must call transformers' attention interface. Facts that differ between
 families live in the tables below, not in code.
@@ -38,10 +43,21 @@ _STATE = "_tunefast_prefix_state"  # in the PeftModel's __dict__ while patched
 # Attribute names under which attention modules keep their facts, across transformers families.
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size")  # Llama, Qwen2, Mistral, GPT-2 | BERT, RoBERTa, ViT
 DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout")  # a float (Llama) or nn.Dropout (GPT-2, BERT)
-# Config fields of attention patterns the kernel does not implement (prefix visibility would be ambiguous).
-LOCAL_ATTENTION_FIELDS = ("sliding_window", "attention_chunk_size")
-# Model types for which PEFT lays out or injects the prefix specially (post-processing, hybrid caches).
-SPECIAL_PREFIX_LAYOUT = ("bloom", "gpt_bigcode", "gemma2", "gemma3_text", "gemma4", "gemma4_text")
+# Config fields of attention patterns the kernel does not implement (chunked attention: Llama 4).
+UNSUPPORTED_ATTENTION_FIELDS = ("attention_chunk_size",)
+# Per-layer attention types (config.layer_types) the kernel runs: sliding layers take the model's
+# sliding_window as a local window that counts the prefix's positions, as PEFT's cache does.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Config fields whose non-None value changes the attention math in a way the kernel does not do.
+UNSUPPORTED_WHEN_SET = {
+    "attn_logit_softcapping": "attention logit soft-capping",  # Gemma 2 (default 50.0)
+}
+# Config flags that make a decoder's sliding windows bidirectional (Gemma 3 embedding variants).
+BIDIRECTIONAL_FLAGS = ("use_bidirectional_attention",)
+# Model types for which PEFT lays out or injects the prefix specially (post-processing, shared-KV layers).
+# Gemma 2 / 3 are not here: PEFT builds a sliding-window cache for them, which keeps only the last
+# W - 1 prefix tokens of a local layer; those are exactly the prefix keys the window lets any query see.
+SPECIAL_PREFIX_LAYOUT = ("bloom", "gpt_bigcode", "gemma4", "gemma4_text")
 # Task types whose PeftModel forward is a plain "prefix, then base_model(**kwargs)" (seq2seq is not).
 SUPPORTED_TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
@@ -80,12 +96,20 @@ def _model_blocker(cfg, base) -> str | None:
     if model_type in SPECIAL_PREFIX_LAYOUT:
         return f"PEFT lays out the prefix of {model_type} models specially"
     layer_types = list(getattr(text_cfg, "layer_types", None) or ())
-    if any(t != "full_attention" for t in layer_types):
-        return f"local attention layers (layer_types={layer_types}) are not implemented by the kernel"
-    for name in LOCAL_ATTENTION_FIELDS:
+    other = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if other:
+        return f"attention layer types {other} (layer_types={layer_types}) are not implemented by the kernel"
+    for name in UNSUPPORTED_ATTENTION_FIELDS:
         value = getattr(text_cfg, name, None)
-        if value is not None and not layer_types:  # no per-layer types: the field applies to every layer
-            return f"local attention ({name}={value}) is not implemented by the kernel"
+        if value is not None:
+            return f"chunked local attention ({name}={value}) is not implemented by the kernel"
+    for name, what in UNSUPPORTED_WHEN_SET.items():
+        value = getattr(text_cfg, name, None)
+        if value is not None:
+            return f"{what} ({name}={value}) is not implemented by the kernel"
+    windowed = getattr(text_cfg, "sliding_window", None) is not None
+    if windowed and (not getattr(text_cfg, "is_causal", True) or any(getattr(text_cfg, f, False) for f in BIDIRECTIONAL_FLAGS)):
+        return "bidirectional sliding windows are not implemented by the kernel"
     if not getattr(base, "_can_set_attn_implementation", lambda: True)():
         return f"{type(base).__name__} cannot switch its attention implementation (it does not use the attention interface)"
     return None
@@ -104,7 +128,18 @@ def _module_detail(name, m, cfg):
     p = _dropout_p(m)
     drop = f"; attention dropout {p:g} runs unfused in training" if p > 0 else ""
     mode = "causal" if getattr(m, "is_causal", True) else "bidirectional"
+    window = _module_window(m)
+    if window is not None:
+        mode += f", sliding window {window} (counting the prefix's positions, as PEFT's cache does)"
     return f"layer {idx}: prefix {cfg.num_virtual_tokens} x {cfg.num_attention_heads} heads x {head_dim}, {mode}{drop}", None
+
+
+def _module_window(m):
+    """The sliding window an attention module passes to the attention function, or None (for the report).
+    Qwen2 / Gemma keep it per layer (None on full layers); Mistral reads it from the config in every layer."""
+    if hasattr(m, "sliding_window"):
+        return m.sliding_window
+    return getattr(getattr(m, "config", None), "sliding_window", None)
 
 
 def _plan(model, backend):

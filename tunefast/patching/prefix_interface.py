@@ -19,6 +19,13 @@ outlives the call, two models (or threads) never share state, and torch.compile 
 
 Without ``tunefast_prefix`` (``generate`` through PEFT's own cache path, where the prefix sits in the
 KV cache; a disabled adapter; cross-attention) it is plain flash attention (P = 0) over k / v.
+
+Sliding-window layers (Mistral, Qwen2 with use_sliding_window, Gemma 2/3 local layers) pass
+``sliding_window=W`` to the attention function; transformers' mask for them is "kv <= q and kv > q - W"
+over the positions of the whole KV cache, so with PEFT's cache the P prefix tokens are positions
+0 .. P-1 and count against the window: query t (position P + t) sees prefix key j only while
+P + t - j < W. The kernel runs that as window (W - 1, 0) with ``window_counts_prefix=True``; the mask
+function checks that the model really asked for that pattern (:func:`padding_mask`).
 """
 
 from __future__ import annotations
@@ -40,13 +47,21 @@ def interface_name(backend: str) -> str:
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tunefast_prefix=None, *,
               backend: str, **kwargs):
     """transformers attention function: returns ((B, T, Hq, D) output, None)."""
-    if kwargs.get("sliding_window") is not None:
+    if kwargs.get("softcap") is not None:
         raise NotImplementedError(
-            f"{type(module).__name__} uses sliding-window attention, which tunefast's prefix attention does not "
-            "implement; tunefast.patch should have skipped this model: please report it"
+            f"{type(module).__name__} caps attention logits (softcap={kwargs['softcap']}), which tunefast's prefix "
+            "attention does not implement; tunefast.patch should have skipped this model: please report it"
         )
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    window = None
+    if kwargs.get("sliding_window") is not None:
+        if not causal:
+            raise NotImplementedError(
+                f"{type(module).__name__}: bidirectional sliding windows are not implemented by tunefast's prefix "
+                "attention (transformers' models disagree on whether the distance W itself is inside)"
+            )
+        window = (int(kwargs["sliding_window"]) - 1, 0)  # transformers: kv > q - W, i.e. q - kv <= W - 1
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(
             f"tunefast prefix attention takes a (B, S) key-padding mask, got a {attention_mask.dim()}-D mask "
@@ -63,26 +78,43 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     with torch.autocast(query.device.type, enabled=False):
         if dropout and module.training:
             # The kernel has no attention dropout: PyTorch's path (probabilities materialised), as eager.
-            out = ref.concat_attention(query, key, value, prefix_k, prefix_v, causal, attention_mask, scaling, dropout)
+            out = ref.concat_attention(query, key, value, prefix_k, prefix_v, causal, attention_mask, scaling, dropout,
+                                       window=window or (-1, -1))
         else:
-            out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal,
-                                   key_padding_mask=attention_mask, scale=scaling, backend=backend)
+            out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=attention_mask,
+                                   scale=scaling, window=window, backend=backend)
     return out.transpose(1, 2), None
 
 
+def _pattern_is_supported(mask_function, local_size) -> bool:
+    """Whether ``mask_function`` (transformers' index-based mask pattern) is causal, bidirectional or
+    causal sliding window ``kv > q - local_size``: the patterns the attention function reproduces from
+    the module's ``is_causal`` / ``sliding_window``. Checked on the rows where they differ."""
+    w = int(local_size) if local_size else 4
+    q = torch.tensor([0, 1, 2, w - 1, w, w + 1, 2 * w + 3])[:, None]
+    kv = torch.arange(2 * w + 5)[None, :]
+    try:
+        got = mask_function(torch.tensor(0), torch.tensor(0), q, kv).expand(q.shape[0], kv.shape[1])
+    except (IndexError, RuntimeError):  # patterns that index per-token data (packed sequences, image tokens)
+        return False
+    candidates = [kv <= q, torch.ones_like(got)]
+    if local_size:
+        candidates.append((kv <= q) & (kv > q - w))
+    return any(torch.equal(got, c.expand_as(got)) for c in candidates)
+
+
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                 attention_mask=None, **kwargs):
+                 attention_mask=None, local_size=None, **kwargs):
     """transformers mask function: the (B, kv_length) bool key-padding mask (True = real key) or None.
 
-    Causality is not encoded here: the attention function takes it from the module, as transformers'
-    flash-attention integration does. Mask patterns a (B, S) mask cannot express are refused.
+    Causality and sliding windows are not encoded here: the attention function takes them from the
+    module (``is_causal``, ``sliding_window``), as transformers' flash-attention integration does. Mask
+    patterns a (B, S) mask plus those cannot express are refused.
     """
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
-
-    if mask_function is not None and mask_function not in (causal_mask_function, bidirectional_mask_function):
+    if mask_function is not None and not _pattern_is_supported(mask_function, local_size):
         raise NotImplementedError(
-            "tunefast prefix attention supports causal or bidirectional attention with key padding; this model "
-            "builds another mask pattern (packed sequences, sliding window, chunked or image-token masks)"
+            "tunefast prefix attention supports causal, bidirectional or causal sliding-window attention with key "
+            "padding; this model builds another mask pattern (packed sequences, chunked or image-token masks)"
         )
     if attention_mask is None:
         return None
