@@ -16,6 +16,10 @@ Cases (sizes per device: CUDA_SIZES, and CPU_SIZES reduced so that the CPU run t
   llama_step   a prefix-tuned Llama (PEFT, sdpa attention): forward, loss, backward, AdamW, against the
                same model after tunefast.patch. Activation bytes: PEFT keeps per layer the concatenated
                (B, H, P + T, D) K/V (the prefix once per batch element); patched, the prefix is held once.
+  mistral_step the same with a Mistral (sliding window W = T / 2, every layer local): PEFT runs transformers'
+               sliding-window mask over its concatenated cache; patched, the kernel takes the window (counting
+               the prefix's positions as PEFT's cache does) and skips key blocks outside it. Its FLOP count
+               is the full-causal one of llama_step (an upper bound: the window halves the attention work).
   prompt_step  a prompt-tuned Llama (input-level virtual tokens; the patch keeps PEFT's path) against the
                base model run on P + T real tokens: PEFT's path keeps nothing beyond the longer sequence.
 
@@ -139,14 +143,19 @@ def attention_case(p, t, b, heads, kv_heads, head_dim, dtype, device) -> harness
 # ---- a small model's training step ----------------------------------------------------------------
 
 
-def _llama(sizes, dtype, device):
+def _llama(sizes, dtype, device, family="llama"):
+    """family "llama", or "mistral": the same sizes with every layer windowed to sliding_window = T / 2."""
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=sizes["vocab"], hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
-                         num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
-                         num_key_value_heads=sizes["kv_heads"], max_position_embeddings=sizes["seq"] + sizes["prefix"])
+    kw = dict(vocab_size=sizes["vocab"], hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
+              num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
+              num_key_value_heads=sizes["kv_heads"], max_position_embeddings=sizes["seq"] + sizes["prefix"])
+    if family == "mistral":
+        cfg, cls = tf.MistralConfig(**kw, sliding_window=sizes["seq"] // 2), tf.MistralForCausalLM
+    else:
+        cfg, cls = tf.LlamaConfig(**kw), tf.LlamaForCausalLM
     cfg._attn_implementation = "sdpa"
-    return tf.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    return cls(cfg).to(device=device, dtype=dtype)
 
 
 def model_flops(hidden, intermediate, layers, heads, kv_heads, vocab, batch, seq, prefix) -> float:
@@ -191,22 +200,22 @@ def _patched(template):
                    "skipped": len(report.skipped)}
 
 
-def llama_case(sizes, dtype, device) -> harness.Case:
+def llama_case(sizes, dtype, device, family="llama") -> harness.Case:
     import peft
 
     def inputs():
-        template = peft.get_peft_model(_llama(sizes, dtype, device), peft.PrefixTuningConfig(
+        template = peft.get_peft_model(_llama(sizes, dtype, device, family), peft.PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=sizes["prefix"]))
         ids = torch.randint(0, sizes["vocab"], (sizes["batch"], sizes["seq"]), device=device)
         return template, ids
 
     def tunefast_setup(inp):
         model, info = _patched(inp[0])
-        assert info["kernels"].startswith("prefix_attention"), f"the prefix model was not patched: {info}"
+        assert "prefix_attention" in info["kernels"], f"the prefix model was not patched: {info}"
         return _train_step(model, inp[1], info)
 
     return harness.Case(
-        suite="prefix", name="llama_step", params=dict(sizes, dtype=dtype),
+        suite="prefix", name=f"{family}_step", params=dict(sizes, dtype=dtype),
         variants={"peft": lambda inp: _train_step(copy.deepcopy(inp[0]), inp[1], {}), "tunefast": tunefast_setup},
         inputs=inputs, flops=model_flops(**sizes), dtype=dtype, tolerance=MODEL_TOLERANCE[dtype],
     )
@@ -247,7 +256,8 @@ def cases(device: torch.device) -> list[harness.Case]:
     sizes = CUDA_SIZES if device.type == "cuda" else CPU_SIZES
     dtype, att = sizes["dtype"], sizes["attention"]
     out = [attention_case(p, t, b, att["heads"], att["kv_heads"], att["head_dim"], dtype, device) for p, t, b in att["grid"]]
-    return out + [llama_case(sizes["llama"], dtype, device), prompt_case(sizes["llama"], dtype, device)]
+    return out + [llama_case(sizes["llama"], dtype, device), llama_case(sizes["llama"], dtype, device, "mistral"),
+                  prompt_case(sizes["llama"], dtype, device)]
 
 
 @harness.parametrize(cases(harness.bench_device()))
@@ -257,7 +267,7 @@ def test_prefix(case, variant, measure):
         # tolerance checked here, not by Case.tolerance: the same-length variants compute another function
         tol = (TOLERANCE if case.name == "attention" else MODEL_TOLERANCE)[case.params["dtype"]]
         assert row["max_rel_err"] is not None and row["max_rel_err"] <= tol, row
-    if variant == "tunefast" and case.name in ("attention", "llama_step"):
+    if variant == "tunefast" and case.name in ("attention", "llama_step", "mistral_step"):
         # no prefix copy per batch element, no K/V repeated per query head, no (T, P + T) mask or scores
         assert row["act_ratio"] < 1.0, row
     if variant == "tunefast" and case.name == "prompt_step":
