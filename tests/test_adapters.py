@@ -196,6 +196,26 @@ def test_gradient_checkpointing_parallel_adapters():
         assert_rel_close(grads1[n], grads0[n], n)
 
 
+def test_autocast_bf16_matches_straightforward_under_autocast():
+    """fp32 adapters on an fp32 model trained under bf16 autocast: the adapter runs in bf16, as nn.Linear
+    adapters would."""
+    cfg = adapters.AdapterConfig.houlsby(bottleneck=8, activation="gelu")
+    base = make("llama")
+    model = adapters.apply(copy.deepcopy(base), cfg, backend="reference")
+    _randomize(model)
+    plain, stash = straightforward(base, model, cfg)
+    batch = inputs("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(**batch), plain(**batch)
+    got.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(got.logits.float(), want.logits.float(), rtol=0.05, atol=0.05)
+    layer = adapters.adapter_layers(model)["model.layers.0.mlp.down_proj"]
+    ref = stash["model.layers.0.mlp.down_proj"][2].grad
+    assert layer.up_weight.grad.dtype == torch.float32
+    assert (layer.up_weight.grad - ref).norm() <= 0.05 * ref.norm()
+
+
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [

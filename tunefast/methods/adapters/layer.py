@@ -46,9 +46,15 @@ class AdapterLayer(nn.Module):
                                    "ran outside its sublayer's forward)")
         else:
             x = h
-        return adapter_op(x, h, self.down_weight, self.down_bias, self.up_weight, self.up_bias, scale=self.scaling,
-                          activation=self.activation, dropout_p=self.dropout, training=self.training,
-                          backend=self.backend)
+        params = (self.down_weight, self.down_bias, self.up_weight, self.up_bias)
+        device = h.device.type
+        if torch.is_autocast_enabled(device):
+            # what autocast does to nn.Linear adapters: every operand in its dtype (grads flow through .to)
+            dt = torch.get_autocast_dtype(device)
+            x, h, params = x.to(dt), h.to(dt), tuple(p.to(dt) for p in params)
+        with torch.autocast(device, enabled=False):
+            return adapter_op(x, h, *params, scale=self.scaling, activation=self.activation, dropout_p=self.dropout,
+                              training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         kind = "parallel" if self.parallel else "sequential"
