@@ -200,12 +200,13 @@ def _unfused_loss(s, up_w, up_b, h_last, lm_w, lm_b, targets):
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 5, None])
+@pytest.mark.parametrize("backend,chunk_rows", [("reference", 1), ("reference", 5), ("reference", None),
+                                                ("triton", None)])
 @pytest.mark.parametrize("lm_bias", [False, True])
-def test_lm_loss_against_fp64_cross_entropy(chunk_rows, lm_bias):
+def test_lm_loss_against_fp64_cross_entropy(backend, chunk_rows, lm_bias):
     inputs = _lm_inputs(lm_bias=lm_bias)
     s, up_w, up_b = inputs[:3]
-    loss = ops.side_lm_loss(*inputs, chunk_rows=chunk_rows)
+    loss = ops.side_lm_loss(*inputs, chunk_rows=chunk_rows, backend=backend)
     got = torch.autograd.grad(loss, [s, up_w, up_b])
     leaves64 = [t.detach().double().requires_grad_() for t in (s, up_w, up_b)]
     rest64 = [t.double() if t is not None else None for t in inputs[3:6]]
@@ -220,7 +221,7 @@ def test_lm_loss_against_fp64_cross_entropy(chunk_rows, lm_bias):
 def test_lm_loss_bf16_head_fp32_side_matches_unfused_chain():
     inputs = _lm_inputs(lm_dtype=torch.bfloat16)
     s, up_w, up_b = inputs[:3]
-    loss = ops.side_lm_loss(*inputs, chunk_rows=7)
+    loss = ops.side_lm_loss(*inputs, chunk_rows=7, backend="reference")  # bf16 logits, as the unfused chain
     got = torch.autograd.grad(loss, [s, up_w, up_b])
     ref_loss = _unfused_loss(*inputs)
     want = torch.autograd.grad(ref_loss, [s, up_w, up_b])
@@ -276,9 +277,10 @@ def test_opcheck_ladder_merge(backend):
     )
 
 
-def test_opcheck_lm_loss():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_lm_loss(backend):
     inputs = _lm_inputs(m=9, n=4, d=8, v=11, lm_bias=True)
-    torch.library.opcheck(ops._side_lm_loss, (*inputs, 4, [True, True]))
+    torch.library.opcheck(ops._side_lm_loss, (*inputs, 4, [True, True], backend))
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

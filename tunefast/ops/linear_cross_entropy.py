@@ -241,3 +241,15 @@ def _check_args(hidden, weight, labels, bias, ignore_index, reduction, num_items
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                              f"found {labels[bad][:4].tolist()}")
     return n, vocab
+
+
+def loss_sum_and_dhidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, need_dhidden: bool,
+                         chunk_rows: Optional[int] = None, backend: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+    """(0-d fp32 summed loss (ignore_index -100), its gradient w.r.t. hidden (N, H) or None), from the
+    same implementation as :func:`linear_cross_entropy`, for callers that chain the gradient into an
+    op of their own inside a forward (tunefast::side_lm_loss forms the side network's gradients from it,
+    so that neither logits nor an (N, H) hidden state is kept). No autograd: inputs are plain tensors."""
+    rows = int(chunk_rows) if chunk_rows is not None else ref.default_chunk_rows(hidden.shape[0], weight.shape[0])
+    loss, _, dh, _, _ = _impl(backend, hidden.device).forward(
+        hidden, weight, bias, labels, -100, 0.0, 1.0, 0.0, True, need_dhidden, False, False, rows)
+    return loss, dh

@@ -6,10 +6,10 @@
     anyway) and the (M, N) side state. Unfused PyTorch keeps p, z, side and the statistics besides.
 
 ``tunefast::side_lm_loss``: the causal-LM head of a side network and its loss,
-    sum CE((h_last + up(s)) E^T, targets), chunked over tokens with the gradients of s and of the
-    up-projection formed in the same pass (the LM head is frozen). Kept for backward: ds (M, N) and the
-    up-projection's gradients; never the (M, V) logits, their softmax or an (M, D) hidden state.
-    Plain PyTorch on every device: its cost is the two LM-head matmuls, which cuBLAS already runs.
+    sum CE((h_last + up(s)) E^T, targets): the fused LM-head loss (ops/linear_cross_entropy.py, the op
+    tunefast.patch uses for causal LMs) with its gradient chained into the up-projection in the same
+    pass (the LM head is frozen). Kept for backward: ds (M, N) and the up-projection's gradients; never
+    the (M, V) logits, their softmax or an (M, D) hidden state.
 
 Public entries: :func:`ladder_merge` and :func:`side_lm_loss`.
 """
@@ -19,11 +19,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend as _backend
 from ..reference import side as ref
 from ._checks import check_same_device, check_tensor
+from .linear_cross_entropy import loss_sum_and_dhidden
+from ..reference.linear_cross_entropy import default_chunk_rows
 
 NORMS = ("rmsnorm", "layernorm")
 
@@ -238,15 +241,8 @@ def _check_merge_args(h, weight, bias, side, gate, norm_weight, norm_bias, eps, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# LM-head loss
+# LM-head loss: the fused LM-head loss op (ops/linear_cross_entropy.py) chained into the up-projection
 # ----------------------------------------------------------------------------------------------------
-
-# Rows per chunk: at most this many (rows x V) logits exist at once (64 MiB in fp32), whatever M is.
-CHUNK_ELEMENTS = 1 << 24
-
-
-def default_chunk_rows(m: int, vocab: int) -> int:
-    return max(1, min(m, CHUNK_ELEMENTS // max(vocab, 1)))
 
 
 @torch.library.custom_op("tunefast::side_lm_loss", mutates_args=())
@@ -260,20 +256,28 @@ def _side_lm_loss(
     targets: Tensor,
     chunk_rows: int,
     needs: list[bool],
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss_sum, ds, dup_weight, dup_bias): the gradients of loss_sum, empty where not needed."""
     need_ds, need_dup = needs
-    loss, ds, dw, db = ref.lm_loss_and_grads(
-        s, up_weight, up_bias, h_last, lm_weight, lm_bias, targets, chunk_rows, need_ds, need_dup
-    )
-    empty = s.new_empty(0)
-    return loss, (ds if ds is not None else empty), (dw if dw is not None else empty.clone()), (
-        db if db is not None else empty.clone()
-    )
+    x = (h_last + F.linear(s, up_weight, up_bias)).to(lm_weight.dtype)  # transient (M, D): not kept
+    loss, dx = loss_sum_and_dhidden(x, lm_weight, lm_bias, targets, need_dhidden=need_ds or need_dup,
+                                    chunk_rows=chunk_rows, backend=backend)
+    del x
+    empty = lambda: s.new_empty(0)  # noqa: E731
+    ds = dw = db = None
+    if dx is not None:
+        dx = dx.to(up_weight.dtype)  # the gradient reaching up(s), in up's dtype as autograd gives it
+        ds = (dx @ up_weight).to(s.dtype) if need_ds else None
+        if need_dup:
+            dw = (dx.float().t() @ s.float()).to(up_weight.dtype)
+            db = dx.float().sum(0).to(up_bias.dtype) if up_bias is not None else None
+    return loss, (ds if ds is not None else empty()), (dw if dw is not None else empty()), (
+        db if db is not None else empty())
 
 
 @_side_lm_loss.register_fake
-def _(s, up_weight, up_bias, h_last, lm_weight, lm_bias, targets, chunk_rows, needs):
+def _(s, up_weight, up_bias, h_last, lm_weight, lm_bias, targets, chunk_rows, needs, backend):
     need_ds, need_dup = needs
     empty = lambda: s.new_empty(0)  # noqa: E731
     return (
@@ -297,7 +301,7 @@ def _lm_backward(ctx, grad_loss, *_unused):
         scale(ds) if need[0] else None,
         scale(dw) if need[1] else None,
         scale(db) if need[2] else None,
-        None, None, None, None, None, None,
+        None, None, None, None, None, None, None,
     )
 
 
@@ -314,19 +318,25 @@ def side_lm_loss(
     targets: Tensor,
     *,
     chunk_rows: Optional[int] = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Summed cross-entropy of a side network's LM head, without keeping logits for backward.
 
     ``logits = (h_last + s up_weight^T + up_bias).to(E.dtype) E^T + e`` with the frozen LM head (E, e);
     returns ``sum_{t: targets[t] != -100} CE(logits[t], targets[t])`` (divide by the token count for
-    the mean). Gradients flow to s, up_weight and up_bias only.
+    the mean). Gradients flow to s, up_weight and up_bias only. The loss and its gradient w.r.t. the
+    head's input come from the fused LM-head loss (tunefast.ops.linear_cross_entropy: the same code
+    ``tunefast.patch`` uses for causal LMs); this op only chains that gradient into the up-projection
+    in the forward's pass, so that backward keeps ds (M, N) and the up-projection's gradients, never
+    the (M, V) logits or the (M, D) head input.
 
     Args:
         s: (M, N) side-network output. up_weight: (D, N); up_bias: (D,) or None (s's dtype).
         h_last: (M, D) the backbone's last hidden state (no grad; any float dtype).
         lm_weight: (V, D) frozen LM-head weight; lm_bias: (V,) or None.
         targets: (M,) int64 class per row, -100 to ignore (already shifted for a causal LM).
-        chunk_rows: rows of logits formed at once (default: ~16M logits per chunk).
+        chunk_rows: reference backend: rows of logits formed at once (default: ~16M logits per chunk).
+        backend: "auto", "triton" or "reference" for the fused loss (see tunefast.backend).
 
     Returns:
         0-d float32 tensor.
@@ -334,6 +344,7 @@ def side_lm_loss(
     Caution: the gradients are formed in the forward (as Liger's fused linear cross-entropy does):
     calling backward is cheap, but a forward without backward costs the backward's matmuls too.
     """
+    _backend.check_backend_name(backend)
     for name, t, nd in (("s", s, 2), ("up_weight", up_weight, 2), ("h_last", h_last, 2), ("lm_weight", lm_weight, 2)):
         check_tensor(t, name, ndim=nd)
     m, n = s.shape
@@ -359,5 +370,5 @@ def side_lm_loss(
     grad = torch.is_grad_enabled()
     up_grad = up_weight.requires_grad or (up_bias is not None and up_bias.requires_grad)
     needs = [grad and s.requires_grad, grad and up_grad]
-    loss, *_ = _side_lm_loss(s, up_weight, up_bias, h_last, lm_weight, lm_bias, targets, int(rows), needs)
+    loss, *_ = _side_lm_loss(s, up_weight, up_bias, h_last, lm_weight, lm_bias, targets, int(rows), needs, backend)
     return loss

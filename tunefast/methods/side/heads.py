@@ -3,7 +3,8 @@
 
   CausalLMHead        logits = frozen backbone LM head (x); loss = Hugging Face's shifted cross-entropy
                       (ignore_index -100, mean over scored tokens or sum / num_items_in_batch).
-                      Fused and training (grad enabled, labels given): tunefast.ops.side.side_lm_loss,
+                      Fused and training (grad enabled, labels given): tunefast.ops.side.side_lm_loss
+                      (the fused LM-head loss, tunefast.ops.linear_cross_entropy, chained into ``up``);
                       logits are not formed for backward and are returned as None, as Liger does.
   ClassificationHead  logits = trainable Linear(D, num_labels) on pool(x); HF's loss by problem_type.
   FeaturesHead        last_hidden_state = x, pooler_output = pool(x).
@@ -64,13 +65,14 @@ class CausalLMHead(nn.Module):
         super().__init__()
         self.up = _zero_up(width, hidden, dtype, device)
         self._chunk = config.loss_chunk_tokens
+        self._backend = config.backend
 
     def forward(self, s, last, lm_head, labels, num_items_in_batch, fused, **_):
         if labels is not None and fused and torch.is_grad_enabled():
             targets = shifted_targets(labels.to(s.device)).reshape(-1)
             loss_sum = side_ops.side_lm_loss(
                 s.reshape(-1, s.shape[-1]), self.up.weight, self.up.bias, last.reshape(-1, last.shape[-1]),
-                lm_head.weight, lm_head.bias, targets, chunk_rows=self._chunk,
+                lm_head.weight, lm_head.bias, targets, chunk_rows=self._chunk, backend=self._backend,
             )
             denom = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
             return CausalLMOutputWithPast(loss=loss_sum / denom, logits=None)
