@@ -207,3 +207,31 @@ def test_compile_fullgraph(backend, reduction):
     torch.testing.assert_close(compiled, eager)
     compiled.backward()
     assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# On a GPU (benchmarks/gpu_check.sh runs these with TRITON_INTERPRET=0): compiled kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,h,v,options", [(1000, 896, 151_936, dict()), (257, 2048, 32_003, dict(softcap=30.0)),
+                                           (64, 4096, 1000, dict(label_smoothing=0.1, logit_scale=0.5))])
+def test_triton_on_gpu(dtype, n, h, v, options):
+    hidden, weight, bias, labels = [t.cuda() for t in _inputs(n=n, h=h, v=v, ignored=5)]
+    upstream = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+
+    def op(hh, w, b):
+        return linear_cross_entropy(hh, w, labels, bias=b, backend="triton", **options)
+
+    def oracle(hh, w, b):
+        return _definition(hh, w, b, labels, **options)
+
+    rounded = [t.to(dtype).double() for t in (hidden, weight, bias)]
+    loss, grads = _loss_and_grads(op, _leaves((hidden, weight, bias), dtype), upstream)
+    loss64, grads64 = _loss_and_grads(oracle, _leaves(rounded, torch.float64), upstream)
+    same_loss, same_grads = _loss_and_grads(oracle, _leaves((hidden, weight, bias), dtype), upstream)
+    _assert_close(loss, loss64, same_loss, dtype, "loss")
+    for name, g, g64, gs in zip(("dhidden", "dweight", "dbias"), grads, grads64, same_grads):
+        _assert_close(g, g64, gs, dtype, name)
