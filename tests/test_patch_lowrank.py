@@ -249,3 +249,28 @@ def test_dora_embedding_is_skipped_with_a_reason():
     report = tunefast.patch(M.clone(model))
     skipped = {e.name: e.reason for e in report.skipped}
     assert any(n.endswith("embed_tokens") and "DoraEmbeddingVariant" in r for n, r in skipped.items()), str(report)
+
+
+@pytest.mark.parametrize("method", ["adalora", "vera", "ia3"])
+def test_bf16_base_with_fp32_adapters(method):
+    """PEFT keeps these adapters in fp32 on a bf16 base; the fused path follows its promotions (x cast to
+    the adapter dtype, one rounding to bf16 at the end); (IA)3 with an fp32 vector is left to PEFT."""
+    attn = TARGETS["llama"][0]
+    cfg = {"adalora": peft.AdaLoraConfig(init_r=6, target_r=3, total_step=20, lora_alpha=8, target_modules=attn),
+           "vera": peft.VeraConfig(r=8, target_modules=attn),
+           "ia3": peft.IA3Config(target_modules=attn, feedforward_modules=[])}[method]
+    model = peft.get_peft_model(M.base_model("llama", dtype=torch.bfloat16), cfg)
+    _randomize(model, ["lora_A", "lora_B", "lora_E", "vera_lambda", "ia3_l"])
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    model.eval()
+    patched = M.clone(model)
+    report = tunefast.patch(patched)
+    mine = tuner_names(patched)
+    if method == "ia3":
+        assert all("differs from the base weight" in e.reason for e in report.skipped if e.name in mine)
+    else:
+        assert len([e for e in report.patched if e.name in mine]) == len(mine), str(report)
+    inputs = M.batch("llama")
+    with torch.no_grad():
+        want, got = model(**inputs).logits.float(), patched(**inputs).logits.float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

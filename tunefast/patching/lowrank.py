@@ -185,6 +185,11 @@ def decide_ia3(module, backend):
     if module.is_feedforward:
         return Skip("(IA)3 on a feed-forward layer scales the input features; the fused op has no "
                     "per-feature input scale yet, PEFT's forward runs")
+    wdt = module.get_base_layer().weight.dtype
+    other = sorted({str(p.dtype) for p in module.ia3_l.values() if p.dtype != wdt})
+    if other:
+        return Skip(f"(IA)3 vector dtype {', '.join(other)} differs from the base weight's {wdt}: PEFT's "
+                    "promotions run as PEFT writes them")
     kernel = _kernel("lora_linear", module, backend)
     skip = _state_skip(module, kernel)
     if skip is not None:
