@@ -109,3 +109,29 @@ def logits_loss_grads(model, inputs, forward=None):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     return logits.detach(), loss.detach(), grads
+
+
+def bart_prefix_model(*, projection: bool = False, n_virtual: int = N_VIRTUAL):
+    """A tiny BART (no dropout) with PEFT prefix tuning (SEQ_2_SEQ_LM: the prefix on decoder self-attention)."""
+    cfg = tf.BartConfig(vocab_size=M.VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    base = tf.BartForConditionalGeneration(cfg)
+    pcfg = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n_virtual,
+                                   prefix_projection=projection, encoder_hidden_size=32)
+    torch.manual_seed(200)
+    return peft.get_peft_model(base, pcfg)
+
+
+def seq2seq_batch(bsz=2, src=9, tgt=6, seed=1):
+    """Padded source and target (decoder) sequences with labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, M.VOCAB, (bsz, src), generator=g)
+    mask = torch.ones(bsz, src, dtype=torch.long)
+    mask[0, -3:] = 0
+    labels = torch.randint(3, M.VOCAB, (bsz, tgt), generator=g)
+    labels[1, -2:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -25,7 +25,7 @@ def assert_parity(want, got):
 
 def attention_entries(report):
     """(patched, skipped) entries of attention modules (other handlers, e.g. the LM head's, may patch too)."""
-    pick = lambda es: [e for e in es if e.name.endswith("attn") or e.name.endswith("attention")]  # noqa: E731
+    pick = lambda es: [e for e in es if e.name.lower().endswith(("attn", "attention"))]  # noqa: E731
     return pick(report.patched), pick(report.skipped)
 
 
@@ -50,9 +50,9 @@ PARITY = [(f, proj, "triton" if not proj else "reference") for f in PM.PREFIX_FA
 def test_prefix_tuning_parity_with_peft(family, projection, backend):
     model = PM.prefix_model(family, projection=projection)
     patched = copy.deepcopy(model)
-    report = tunefast.patch(patched, backend=backend)
-    assert len(report.patched) == 2 and not report.skipped, str(report)
-    assert all(e.kernel == f"prefix_attention[{backend}]" for e in report.patched)
+    entries, skipped = attention_entries(tunefast.patch(patched, backend=backend))
+    assert len(entries) == 2 and not skipped, (entries, skipped)
+    assert all(e.kernel == f"prefix_attention[{backend}]" for e in entries)
     inputs = M.batch(family)  # padded batch
     assert_parity(peft_reference(model, inputs, family), PM.logits_loss_grads(patched, inputs))
 
@@ -308,3 +308,56 @@ def test_sliding_window_generate_matches_peft(family):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.scores, want.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder-decoders (issue 13 item 2): PEFT's prefix reaches decoder self-attention only
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("projection,backend", [(False, "triton"), (True, "reference")])
+def test_bart_prefix_parity_with_peft(projection, backend):
+    model = PM.bart_prefix_model(projection=projection)
+    patched = copy.deepcopy(model)
+    entries, skipped = attention_entries(tunefast.patch(patched, backend=backend))
+    assert len(entries) == 6 and not skipped, (entries, skipped)  # encoder self, decoder self, cross x 2 layers
+    with_prefix = [e.name for e in entries if "prefix 5" in e.detail]
+    assert with_prefix == [f"base_model.model.decoder.layers.{i}.self_attn" for i in range(2)], entries
+    inputs = PM.seq2seq_batch()
+    assert_parity(PM.logits_loss_grads(model, inputs), PM.logits_loss_grads(patched, inputs))
+
+
+def test_bart_prefix_gradient_checkpointing_matches_peft_without_it():
+    model = PM.bart_prefix_model(projection=True)
+    patched = copy.deepcopy(model)
+    tunefast.patch(patched, backend="reference")
+    patched.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched.train()
+    inputs = PM.seq2seq_batch()
+    assert_parity(PM.logits_loss_grads(model, inputs), PM.logits_loss_grads(patched, inputs))
+
+
+def test_bart_generate_matches_peft():
+    model = PM.bart_prefix_model()
+    model.eval()
+    patched = copy.deepcopy(model)
+    tunefast.patch(patched, backend="triton")
+    inputs = PM.seq2seq_batch()
+    kw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
+              do_sample=False, num_beams=1, output_scores=True, return_dict_in_generate=True)
+    want, got = model.generate(**kw), patched.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_t5_prefix_is_skipped_with_a_reason_and_runs_peft():
+    """T5 adds a relative position bias to the scores, which the kernel does not take yet."""
+    import peft
+
+    model = peft.get_peft_model(M.base_model("t5"), peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=5))
+    patched = copy.deepcopy(model)
+    entries, skipped = attention_entries(tunefast.patch(patched))
+    assert not entries and skipped and all("t5" in e.reason for e in skipped), skipped
+    inputs = PM.seq2seq_batch()
+    torch.testing.assert_close(patched(**inputs).loss, model(**inputs).loss)

@@ -25,6 +25,7 @@ families live in the tables below, not in code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -58,8 +59,18 @@ BIDIRECTIONAL_FLAGS = ("use_bidirectional_attention",)
 # Gemma 2 / 3 are not here: PEFT builds a sliding-window cache for them, which keeps only the last
 # W - 1 prefix tokens of a local layer; those are exactly the prefix keys the window lets any query see.
 SPECIAL_PREFIX_LAYOUT = ("bloom", "gpt_bigcode", "gemma4", "gemma4_text")
-# Task types whose PeftModel forward is a plain "prefix, then base_model(**kwargs)" (seq2seq is not).
-SUPPORTED_TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# Task types whose PeftModel forward is a plain "prefix, then base_model(**kwargs)"; SEQ_2_SEQ_LM has its
+# own forward (seq2seq_prefix_forward) and a table entry per family (SEQ2SEQ_PREFIX).
+SUPPORTED_TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM")
+# Encoder-decoders, per model type: PEFT's EncoderDecoderCache holds the prefix for decoder
+# self-attention only (the encoder runs without a cache; PEFT empties the cross-attention cache), so
+# ``prefix_modules`` (a regex over module names) says which attention modules take it; every other one
+# runs with P = 0. ``positions``: the decoder's learned-position module, whose positions PEFT's cache
+# shifts by P (None: relative positions only).
+SEQ2SEQ_PREFIX = {
+    "bart": dict(prefix_modules=r"decoder\.layers\.\d+\.self_attn$", positions=r"decoder\.embed_positions$"),
+}
+PREFIX_LAYER = "_tunefast_prefix_layer"  # in an attention module's __dict__: its layer of the prefix
 
 INPUT_LEVEL_REASON = (
     "{kind} prepends virtual tokens to the input embeddings; PEFT evaluates the prompt encoder once, "
@@ -89,10 +100,11 @@ def _model_blocker(cfg, base) -> str | None:
     """Why the whole model cannot be patched, or None."""
     if cfg.task_type not in SUPPORTED_TASKS:
         return f"task type {cfg.task_type} (encoder-decoder prefixes) is not accelerated yet"
-    if getattr(cfg, "num_transformer_submodules", 1) != 1:
-        return "encoder-decoder prefix tuning is not accelerated yet"
     text_cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     model_type = getattr(text_cfg, "model_type", "")
+    if getattr(cfg, "num_transformer_submodules", 1) != 1 or cfg.task_type == "SEQ_2_SEQ_LM":
+        if model_type not in SEQ2SEQ_PREFIX:
+            return f"encoder-decoder prefix tuning of {model_type or type(base).__name__} models is not accelerated yet"
     if model_type in SPECIAL_PREFIX_LAYOUT:
         return f"PEFT lays out the prefix of {model_type} models specially"
     layer_types = list(getattr(text_cfg, "layer_types", None) or ())
@@ -115,12 +127,20 @@ def _model_blocker(cfg, base) -> str | None:
     return None
 
 
-def _module_detail(name, m, cfg):
+def _takes_prefix(name, m, family) -> bool:
+    """Whether PEFT gives this attention module the prefix (``family``: the SEQ2SEQ_PREFIX entry or None)."""
+    if family is not None:
+        return re.search(family["prefix_modules"], name) is not None
+    return not getattr(m, "is_cross_attention", False)
+
+
+def _module_detail(name, m, cfg, family=None):
     """(detail for a patched entry, None) or (None, the reason this attention module cannot be patched)."""
     head_dim = cfg.token_dim // cfg.num_attention_heads
     idx, mhd = getattr(m, "layer_idx", None), _first_attr(m, HEAD_DIM_ATTRS)
-    if getattr(m, "is_cross_attention", False):
-        return "cross-attention: no prefix (P = 0)", None
+    if not _takes_prefix(name, m, family):
+        what = "cross-attention" if getattr(m, "is_cross_attention", False) or family is None else "no prefix in PEFT"
+        return f"{what}: P = 0", None
     if not isinstance(idx, int) or not 0 <= idx < cfg.num_layers:
         return None, f"{name}: layer_idx={idx!r} does not index the prefix's {cfg.num_layers} layers"
     if mhd is not None and int(mhd) != head_dim:
@@ -154,8 +174,9 @@ def _plan(model, backend):
     details, problems = {}, [f"{n} ({type(modules[n]).__name__}) does not call transformers' attention interface" for n in other]
     if not attn:
         problems.append("no attention module calling transformers' attention interface was found")
+    family = _seq2seq_family(base)
     for n in attn:
-        details[n], problem = _module_detail(n, modules[n], cfg)
+        details[n], problem = _module_detail(n, modules[n], cfg, family)
         problems += [problem] if problem else []
     reason = _model_blocker(cfg, base) or (problems[0] if problems else None)
     if reason is not None:
@@ -164,6 +185,20 @@ def _plan(model, backend):
         return entries or [SkippedEntry("base_model", reason)], False
     kernel = f"prefix_attention[{_backend.resolve(backend, _device(model))}]"
     return [PatchedEntry(f"base_model.{n}", kernel, details[n]) for n in attn], True
+
+
+def _seq2seq_family(base):
+    """The SEQ2SEQ_PREFIX entry of an encoder-decoder base model, or None."""
+    if not getattr(base.config, "is_encoder_decoder", False):
+        return None
+    return SEQ2SEQ_PREFIX.get(getattr(base.config, "model_type", ""))
+
+
+def _mark_prefix_layers(base, family) -> None:
+    """Record in each attention module that takes the prefix which layer of it it reads."""
+    for name, m in base.named_modules():
+        if _calls_attention_interface(type(m)) and _takes_prefix(name, m, family):
+            m.__dict__[PREFIX_LAYER] = m.layer_idx
 
 
 def _device(model):
@@ -198,9 +233,12 @@ def apply(model, backend: str):
         return entries
     base = model.base_model
     previous = base.config._attn_implementation
+    family = _seq2seq_family(base)
     base.set_attn_implementation(prefix_interface.register(backend))
-    swap_in(model, prefix_forward, backend)
-    model.__dict__[_STATE] = dict(attn_implementation=previous, positions=_position_source(base))
+    _mark_prefix_layers(base, family)
+    swap_in(model, prefix_forward if family is None else seq2seq_prefix_forward, backend)
+    model.__dict__[_STATE] = dict(attn_implementation=previous, positions=_position_source(base),
+                                  decoder_positions=_decoder_positions(base, family))
     return entries
 
 
@@ -209,6 +247,8 @@ def undo(model) -> None:
     state = model.__dict__.pop(_STATE, None)
     if state is not None:
         model.base_model.set_attn_implementation(state["attn_implementation"])
+        for m in model.base_model.modules():
+            m.__dict__.pop(PREFIX_LAYER, None)
 
 
 def register_handlers() -> None:
@@ -263,8 +303,15 @@ def layer_prefix(model):
     dtype = model.base_model_torch_dtype
     if dtype is not None:
         kv = kv.to(dtype)
-    heads = cfg.num_attention_heads
-    return kv.view(n, cfg.num_layers, 2, heads, cfg.token_dim // heads).permute(1, 2, 3, 0, 4)
+    heads, layers = cfg.num_attention_heads, cfg.num_layers
+    if getattr(cfg, "num_transformer_submodules", 1) == 1:
+        return kv.view(n, layers, 2, heads, cfg.token_dim // heads).permute(1, 2, 3, 0, 4)
+    # Encoder-decoders: PEFT duplicates the 2L rows (key, value per layer) to 4L and hands layer i rows
+    # 4i .. 4i+3 as (self key, self value, cross key, cross value), then empties the cross cache: decoder
+    # layer i reads rows 4i and 4i + 1 of the duplicated list, i.e. rows 4i mod 2L and 4i + 1 mod 2L.
+    rows = kv.view(n, 2 * layers, heads, cfg.token_dim // heads).permute(1, 2, 0, 3)  # (2L, H, P, D)
+    first = (4 * torch.arange(layers, device=rows.device)) % (2 * layers)
+    return torch.stack([rows[first], rows[first + 1]], dim=1)  # (L, 2, H, P, D)
 
 
 def _reentrant_checkpointing(base) -> bool:
@@ -303,3 +350,59 @@ def prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None
         input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
         tunefast_prefix=layer_prefix(self), **kwargs,
     )
+
+
+def _decoder_positions(base, family):
+    """The decoder's learned-position module named by the family table, or None."""
+    if family is None or family.get("positions") is None:
+        return None
+    for name, m in base.named_modules():
+        if re.search(family["positions"], name):
+            return m
+    return None
+
+
+@contextlib.contextmanager
+def _positions_shifted(module, n_prefix):
+    """Shift the positions a learned-position module embeds by P, as PEFT's cache of length P does."""
+    if module is None:
+        yield
+        return
+
+    def shift(_, args, kwargs):
+        # BART's decoder calls embed_positions(input_ids, cache_length, position_ids=...) with positions
+        # arange(T) + cache_length (0 here: no cache)
+        if kwargs.get("position_ids") is None:
+            raise NotImplementedError(f"{type(module).__name__} was called without position_ids; cannot shift them by P")
+        return args, {**kwargs, "position_ids": kwargs["position_ids"] + n_prefix}
+
+    handle = module.register_forward_pre_hook(shift, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def seq2seq_prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                           decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, *args, **kwargs):
+    """Forward of a patched encoder-decoder prefix-tuning PeftModel: the prefix reaches the decoder's
+    self-attention through the kernel (no cache, so checkpointing works); PEFT's forward otherwise."""
+    state = self.__dict__.get(_STATE)
+    kind = getattr(self.active_peft_config.peft_type, "value", "")
+    if args or state is None or kind != "PREFIX_TUNING" or kwargs.get("task_ids") is not None:
+        return self._tunefast_original_class.forward(self, input_ids, attention_mask, inputs_embeds, decoder_input_ids,
+                                                     decoder_attention_mask, decoder_inputs_embeds, labels, *args, **kwargs)
+    kwargs.pop("task_ids", None)
+    for name in ("past_key_values", "cache"):
+        kwargs.pop(name, None)
+    if self.training and torch.is_grad_enabled() and _reentrant_checkpointing(self.base_model):
+        raise ValueError(
+            "the patched prefix reaches every layer as a keyword argument, which reentrant gradient checkpointing "
+            "cannot differentiate through; enable it with gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
+    with _positions_shifted(state["decoder_positions"], self.active_peft_config.num_virtual_tokens):
+        return self.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, tunefast_prefix=layer_prefix(self), **kwargs,
+        )

@@ -47,6 +47,11 @@ def interface_name(backend: str) -> str:
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tunefast_prefix=None, *,
               backend: str, **kwargs):
     """transformers attention function: returns ((B, T, Hq, D) output, None)."""
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError(
+            f"{type(module).__name__} adds a position bias to the scores, which tunefast's prefix attention does not "
+            "take yet; tunefast.patch should have skipped this model: please report it"
+        )
     if kwargs.get("softcap") is not None:
         raise NotImplementedError(
             f"{type(module).__name__} caps attention logits (softcap={kwargs['softcap']}), which tunefast's prefix "
@@ -67,8 +72,9 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             f"tunefast prefix attention takes a (B, S) key-padding mask, got a {attention_mask.dim()}-D mask "
             f"{tuple(attention_mask.shape)} (a custom 4-D mask passed to the model?); unpatch to use it"
         )
-    if tunefast_prefix is not None and not getattr(module, "is_cross_attention", False):
-        prefix_k, prefix_v = tunefast_prefix[module.layer_idx].unbind(0)
+    layer = module.__dict__.get("_tunefast_prefix_layer")  # set by prefix.py on modules PEFT gives the prefix
+    if tunefast_prefix is not None and layer is not None:
+        prefix_k, prefix_v = tunefast_prefix[layer].unbind(0)
     else:
         prefix_k = prefix_v = key.new_empty((key.shape[1], 0, key.shape[3]))
     # Under autocast q/k/v arrive in the autocast dtype while the prefix keeps the model's: the op takes
