@@ -25,8 +25,8 @@ def assert_parity(want, got):
 
 def attention_entries(report):
     """(patched, skipped) entries of attention modules (other handlers, e.g. the LM head's, may patch too)."""
-    pick = lambda es: [e for e in es if e.name.lower().endswith(("attn", "attention"))]  # noqa: E731
-    return pick(report.patched), pick(report.skipped)
+    patched = [e for e in report.patched if e.kernel.startswith("prefix_attention")]
+    return patched, [e for e in report.skipped if not e.name.endswith("lm_head")]
 
 
 def peft_reference(model, inputs, family):
