@@ -594,11 +594,17 @@ def op_generate(t, rng):
     if t.dropout and t.ref.training:  # generate() keeps the mode: the two dropouts draw different masks
         return False
     ids = t.inputs["input_ids"][1:]  # the unpadded row
-    outs = []
-    for model in (t.ref, t.fast):
-        with torch.no_grad():
-            outs.append(model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0))
-    assert torch.equal(outs[0], outs[1]), f"generate: PEFT {outs[0].tolist()} vs {outs[1].tolist()}; {t.where()}"
+    with torch.no_grad():
+        want = t.ref.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True)
+        got = t.fast.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True)
+    # greedy tokens may part at a near-tie (measured: a 2nd-token tie after bf16 round trips on GPT-2);
+    # the scores up to where the tokens part must agree
+    n = next((i for i, (a, b) in enumerate(zip(want.sequences[0], got.sequences[0])) if a != b), None)
+    steps = len(want.scores) if n is None else n - ids.shape[1] + 1
+    for i in range(steps):
+        _close(got.scores[i], want.scores[i], f"generate step {i} scores", t.where())
     return True
 
 
