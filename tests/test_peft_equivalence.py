@@ -758,6 +758,14 @@ def _unloaded_training_logits():
     _close(got.detach(), want.detach(), "unloaded training logits", "patch -> merge_and_unload -> train forward")
 
 
+def _generate_after_walk():
+    """Found by a walk (not reduced yet: each of its steps alone matches PEFT): generate()'s first cached
+    step scores differ by 0.31 from PEFT's on GPT-2 with two adapters."""
+    import zlib
+
+    walk(make_twin("gpt2_two_adapters"), zlib.crc32(b"gpt2two") + 40, 16)
+
+
 KNOWN = {
     "fp64_fused_loss": (
         _fp64_training_loss,
@@ -772,11 +780,20 @@ KNOWN = {
         "merge_and_unload()/unload() of a patched model returns a model whose causal LM class is still "
         "tunefast's (lm_head.py swap): training forwards return logits=None, and tunefast.unpatch of the "
         "PeftModel no longer reaches it"),
+    "generate_cached_step_after_walk": (
+        _generate_after_walk,
+        "generate() step-1 scores differ by 0.31 after patch, train_eval, generate, save_load, adapter_names batch, "
+        "dtype moves, checkpointing, a lora_B hook x0.5, a trainable base weight (GPT-2, two adapters)"),
 }
 
 
-@pytest.mark.skipif(not _HAS_FUSED_LM_HEAD, reason="tunefast/patching/lm_head.py (fused LM-head loss) is not in this tree")
-@pytest.mark.parametrize("name", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=why))
+_NEEDS_LM_HEAD = {"fp64_fused_loss", "lm_head_logits_none", "merge_and_unload_keeps_fused_loss"}
+_NO_LM_HEAD = pytest.mark.skipif(not _HAS_FUSED_LM_HEAD, reason="tunefast/patching/lm_head.py (fused LM-head loss) "
+                                 "is not in this tree")
+
+
+@pytest.mark.parametrize("name", [pytest.param(k, marks=[pytest.mark.xfail(strict=True, reason=why)]
+                                               + ([_NO_LM_HEAD] if k in _NEEDS_LM_HEAD else []))
                                   for k, (_, why) in KNOWN.items()])
 def test_known_divergence(name):
     KNOWN[name][0]()
