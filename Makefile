@@ -45,3 +45,14 @@ bench: setup
 
 clean:
 	rm -rf build $(VENV) tunefast/*.so
+
+# GPU readiness without a GPU (benchmarks/aot.py): compile every Triton kernel of kernels/ with every
+# config its launcher can choose, and csrc/*.cu (nvcc -Xptxas -v), for sm_80 / sm_89 / sm_90; fails on
+# a shared-memory overflow, a spilling fixed config, or a kernel it could not check. Results (one JSON
+# per run) land in benchmarks/results/aot/. gpu-aot-ci: the fixed configs on sm_90 and sm_80 (CI).
+.PHONY: gpu-aot gpu-aot-ci
+gpu-aot: setup
+	$(BIN)/python -m benchmarks.aot
+
+gpu-aot-ci: setup
+	$(BIN)/python -m benchmarks.aot --fixed-only --arch 90,80 --tag ci

@@ -141,8 +141,12 @@ fi
     || "$PY" -c "import json, tunefast._native as n; print(json.dumps(n.status(), indent=1))" \
     || echo "(tunefast does not import)"
 
-# Correctness over many shapes and dtypes: one fixed config per kernel (kernels/tuning.py), not a search.
+# Correctness over many shapes and dtypes: one fixed config per kernel (kernels/launch.py), not a search.
 step --allow-empty gpu-tests 150 env TUNEFAST_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rs
+
+# The AOT check's GPU twin (benchmarks/aot.py --device): every fixed config the launchers choose on this
+# device, for every dtype and shape class, compiled and launched once on zero-filled inputs.
+step aot-twin 120 "$PY" -m benchmarks.aot --device
 
 if [[ ${GPU_CHECK_QUICK:-0} == 1 ]]; then
     BENCH_ARGS+=(--benchmark-disable)

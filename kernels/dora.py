@@ -72,7 +72,10 @@ def _lowrank_row_norm_kernel(
 
 
 def _configs(arch, named):
-    return [triton.Config(dict(BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=2)]
+    # fp32 adapters: the (64 x BLOCK_R) B tile, the A tile and the B A tile are fp32 (sm_90, rank 64,
+    # 4 warps: 1.4 KB/thread of spills): 8 warps (and rank tiles of 32, see lowrank_row_norm).
+    warps = 8 if named["a_ptr"].element_size() == 4 or named["UPCAST"] else 4
+    return [triton.Config(dict(BLOCK_N=64, BLOCK_K=64), num_warps=warps, num_stages=2)]
 
 
 def _smem(c, named):
@@ -92,8 +95,10 @@ def lowrank_row_norm(w, a, b, scale):
     out = torch.empty(n, device=w.device, dtype=torch.float32)
     if n == 0:
         return out
-    # Rank tiles of up to 64: one tile (B kept in registers) for r <= 64, the common LoRA ranks.
-    block_r = min(64, max(16, triton.next_power_of_2(r)))
+    # Rank tiles of up to 64 (32 for fp32 adapters, see _configs): one tile (B kept in registers) for
+    # r <= 64, the common LoRA ranks.
+    max_r = 32 if a.element_size() == 4 or launch.upcast(a, b) else 64
+    block_r = min(max_r, max(16, triton.next_power_of_2(r)))
     args = (w, a, b, out, n, k, r, w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             float(scale))
     meta = dict(UPCAST=launch.upcast(a, b), PRECISION=launch.precision(w), ONE_R_TILE=r <= block_r, BLOCK_R=block_r)

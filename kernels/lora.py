@@ -193,8 +193,16 @@ def _configs(arch, named):
 
 
 def _fixed(arch, named, fits):
-    # A mid-size tile that fits every shape here (narrow rank outputs are masked), 4 warps, 3 stages.
-    return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
+    # A mid-size tile that fits every shape here (narrow rank outputs are masked), 3 stages. Operands
+    # staged in fp32 (fp32, or bf16 x with fp32 adapters) spill on 4 warps (sm_90: 48 B/thread for the
+    # forward, 1.5 KB for dA with dropout, whose Philox words are live per element of the x tile): 8
+    # warps, and a K tile of 16 where the mask is drawn inside the K loop.
+    fp32 = named.get("UPCAST", False) or named.get("UPCAST_MAIN", False) or named.get("UPCAST_LR", False) or \
+        named["a_ptr"].element_size() == 4 or named.get("l_ptr", named["a_ptr"]).element_size() == 4
+    if not fp32:
+        return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
+    block_k = 16 if named.get("DROP_A") or named.get("DROP_B") else 32
+    return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8), num_warps=8, num_stages=3)
 
 
 def _linear_smem(c, named):
@@ -232,8 +240,10 @@ _MATMUL = launch.Kernel(
 )
 
 
-def _block_r(rank: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(rank)))
+def _block_r(rank: int, fp32: bool) -> int:
+    # fp32 low-rank tiles (fp32, or bf16 x with fp32 adapters) of 64 spill on sm_80 next to the main
+    # accumulator (400-650 B/thread with 8 warps): 32 there.
+    return min(32 if fp32 else 64, max(16, triton.next_power_of_2(rank)))
 
 
 def lora_linear(out, a, b, bias, l, u, lr_scale, seed=None, threshold=0, *, has_main=True, accumulate=False,
@@ -266,7 +276,7 @@ def lora_linear(out, a, b, bias, l, u, lr_scale, seed=None, threshold=0, *, has_
         HAS_COL_SCALE=col_scale is not None,
         UPCAST_MAIN=launch.upcast(a_, b_) if has_main else False, UPCAST_LR=launch.upcast(l, u),
         PRECISION=launch.precision(out),
-        BLOCK_R=_block_r(R),
+        BLOCK_R=_block_r(R, l.element_size() == 4 or u.element_size() == 4 or out.element_size() == 4),
     )
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
     _LINEAR.launch(grid, args, meta, like=out)

@@ -221,10 +221,27 @@ def _prune(configs, named):
     return [c for c in configs if c.kwargs["BLOCK_M"] <= 2 * m]
 
 
+def _fixed_for(per_thread):
+    def fixed(arch, named, fits):
+        # The (BLOCK_M x N) fp32 tiles live in registers: 4 warps spill from N = 512 (sm_90: 300 B/thread
+        # forward, 5-9 KB backward at N = 1024). Warps grow with the tile so that each thread holds at
+        # most ``per_thread`` elements of one tile (the backward keeps ~3x more tiles live), and the
+        # staged K tile shrinks to 32 (16 in fp32) wide from N = 256.
+        n = named["BLOCK_N"]
+        budget = per_thread // 2 if _elem(named) == 4 else per_thread  # fp32 h tiles: more live registers
+        warps = min(16, max(4, 16 * n // (32 * budget)))  # 32 warps cap registers at 64 (65,536 / 1,024)
+        if n < 256:
+            return fits[0] if fits[0].num_warps >= warps else triton.Config(
+                dict(fits[0].kwargs), num_warps=warps, num_stages=fits[0].num_stages)
+        block_d = 16 if _elem(named) == 4 else 32
+        return triton.Config(dict(BLOCK_M=16, BLOCK_D=block_d), num_warps=warps, num_stages=2)
+    return fixed
+
+
 _FWD = launch.Kernel(_ladder_merge_fwd_kernel, configs=_configs_for(16384), smem=_smem, prune=_prune,
-                     interpret=_INTERPRET_META)
+                     fixed=_fixed_for(32), interpret=_INTERPRET_META)
 _BWD = launch.Kernel(_ladder_merge_bwd_kernel, configs=_configs_for(8192), smem=_smem, prune=_prune,
-                     interpret=_INTERPRET_META)
+                     fixed=_fixed_for(16), interpret=_INTERPRET_META)
 
 
 def _grid(M):

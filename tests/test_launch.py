@@ -1,0 +1,131 @@
+"""kernels/launch.py: the smem rule, fixed vs autotuned choice, capture for the AOT check, precision and
+upcast rules. Runs on CPU (the interpreter for real launches, capture for GPU decisions)."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from tunefast.kernels import launch
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, factor, size_key, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask, other=0.0) * factor, mask=mask)
+
+
+def _configs(arch, named):
+    return [triton.Config(dict(BLOCK=b), num_warps=4, num_stages=s) for b, s in ((4096, 4), (1024, 3), (256, 2))]
+
+
+# smem estimate: BLOCK x stages x 4 bytes x 8 (a pretend pipeline): 512 KiB, 96 KiB, 16 KiB
+_TOY = launch.Kernel(_scale_kernel, configs=_configs, smem=lambda c, named: c.kwargs["BLOCK"] * c.num_stages * 32,
+                     interpret=dict(BLOCK=64))
+
+
+def _scale(x, factor):
+    y = torch.empty_like(x)
+    n = x.numel()
+    _TOY.launch(lambda c: (triton.cdiv(n, c["BLOCK"]),), (x, y, n, factor, launch.size_key(n)), {}, like=x)
+    return y
+
+
+def test_interpreter_launch_runs_the_interpret_config():
+    x = torch.randn(300)
+    torch.testing.assert_close(_scale(x, 3.0), 3.0 * x)
+
+
+def test_capture_records_choosable_configs_by_each_archs_shared_memory():
+    x = torch.randn(300)
+    got = {}
+    for cap, arch in launch.ARCHES.items():
+        with launch.capture(arch) as launches:
+            y = _scale(x, 2.0)
+        assert len(launches) == 1 and launches[0].kernel is _TOY and launches[0].arch is arch
+        got[cap] = [c.kwargs["BLOCK"] for c in launches[0].choosable]
+        assert launches[0].fixed is launches[0].choosable[0]
+        assert launches[0].args[0] is x and launches[0].args[1] is y  # nothing ran: y is untouched storage
+    # 512 KiB fits nothing; 96 KiB (98,304 B) fits all three, the RTX 4090 (101,376 B) only just
+    assert got == {80: [1024, 256], 89: [1024, 256], 90: [1024, 256]}
+    small = launch.Arch(80, 50_000, 108)
+    with launch.capture(small) as launches:
+        _scale(x, 2.0)
+    assert [c.kwargs["BLOCK"] for c in launches[0].choosable] == [256]
+    tiny = launch.Arch(80, 1_000, 108)
+    with launch.capture(tiny) as launches:
+        _scale(x, 2.0)
+    assert [c.kwargs["BLOCK"] for c in launches[0].choosable] == [256]  # none fits: the smallest, reported by AOT
+
+
+def test_capture_does_not_nest_and_restores_the_cpu_path():
+    with launch.capture(launch.ARCHES[90]):
+        assert launch.on_gpu(torch.zeros(1))
+        with pytest.raises(RuntimeError, match="does not nest"):
+            with launch.capture(launch.ARCHES[80]):
+                pass
+    assert not launch.on_gpu(torch.zeros(1))
+
+
+def test_lora_tiles_too_big_for_an_arch_are_not_choosable_there():
+    from tunefast.kernels import lora as kl
+
+    x, w = torch.empty(64, 256), torch.empty(192, 256)
+    xa, b = torch.empty(64, 16), torch.empty(192, 16)
+    choosable = {}
+    for cap in (80, 89, 90):
+        with launch.capture(launch.ARCHES[cap]) as launches:
+            kl.lora_linear(torch.empty(64, 192), x, w.t(), None, xa, b.t(), 1.0)
+        c = launches[0]
+        choosable[cap] = {launch.config_name(cfg) for cfg in c.choosable}
+        named = c.kernel.named(c.args, c.meta)
+        assert all(c.kernel.smem(cfg, named) <= launch.ARCHES[cap].smem for cfg in c.choosable)
+    # 128 x 256 x 64 in fp32, 2 buffers of (128 x 64 + 64 x 256) x 4 B: 192 KiB, H200 only
+    big = "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8 w8 s3"
+    assert big in choosable[90] and big not in choosable[80] and big not in choosable[89]
+    assert len(choosable[89]) < len(choosable[80]) < len(choosable[90])
+
+
+def test_precision_follows_torch_on_a_gpu_only():
+    x = torch.zeros(1)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert launch.precision(x) == "ieee"  # the interpreter has no TF32
+        with launch.capture(launch.ARCHES[90]):
+            assert launch.precision(x) == "tf32"
+            torch.set_float32_matmul_precision("highest")
+            assert launch.precision(x) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_upcast_rules():
+    bf, f32, f16 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1), torch.zeros(1, dtype=torch.float16)
+    assert launch.upcast(bf, f32) and launch.upcast(bf, bf) and launch.upcast(f16, f16)  # interpreter: no bf16 dots
+    assert not launch.upcast(f32, f32)
+    with launch.capture(launch.ARCHES[90]):
+        assert launch.upcast(bf, f32) and not launch.upcast(bf, bf) and not launch.upcast(f16, f16)
+
+
+def test_autotune_switch(monkeypatch):
+    monkeypatch.setenv("TUNEFAST_AUTOTUNE", "0")
+    assert not launch.autotune_enabled()
+    with launch.set_autotune(True):
+        assert launch.autotune_enabled()
+    monkeypatch.setenv("TUNEFAST_AUTOTUNE", "1")
+    assert launch.autotune_enabled()
+    with launch.set_autotune(False):
+        assert not launch.autotune_enabled()
+
+
+def test_size_key_buckets():
+    assert launch.size_key(1000, 64) == launch.size_key(1023, 64)
+    assert launch.size_key(1000, 64) != launch.size_key(1024, 64)
+    assert launch.size_key(1000, 64) != launch.size_key(1000, 128)
+
+
+def test_named_arguments_are_checked():
+    with pytest.raises(TypeError, match="_scale_kernel"):
+        _TOY.named(tuple(range(6)), {"BLOCK": 1, "EXTRA": 2})
