@@ -15,6 +15,9 @@ PREFIX_LOCAL the prefix keys are positions -P .. -1 of the same sequence (what a
 gives: transformers' sliding-window masks count the prefix), so prefix key j is checked with the query
 shifted by P: -WR <= (t + S - T + P) - j <= WL. Without it every query sees every prefix key.
 
+An optional additive score bias (Hq, T, P + S), shared by the batch (T5's relative position bias), is
+read tile by tile next to the scores in every kernel; it gets no gradient.
+
 Kernels (tunefast/ops/prefix_attention.py composes them):
   ``_fwd_kernel``    one program per (query block, head, batch): online softmax over prefix then
                      sequence blocks; writes o and lse (natural log, fp32; +inf for a row with no key).
@@ -79,11 +82,22 @@ def _query_range(key_lo, key_hi, q_shift, n_queries, WL, WR, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale,
+def _bias_tile(bias_ptr, h, rows, cols, row_mask, col_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS: tl.constexpr):
+    """(rows, cols) additive score bias in log2 units (0.0 without a bias); one (Hq, T, N) tensor shared by
+    the batch (T5's relative position bias)."""
+    if HAS_BIAS:
+        ptrs = bias_ptr + h * stride_bh + rows[:, None].to(tl.int64) * stride_bt + cols[None, :].to(tl.int64) * stride_bn
+        return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    else:
+        return 0.0
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One online-softmax step over a key block. Scores are in log2 units (scale * log2(e) folded in)."""
     k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
-    s = _dot(q, k, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale
+    s = _dot(q, k, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale + bias
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row that has seen no key yet keeps m = -inf; exponentiate against 0 there so that no inf - inf
@@ -99,8 +113,8 @@ def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_sc
 
 @triton.jit
 def _fwd_kernel(
-    # pointers: inputs, key-padding mask (int8, B x S), outputs
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, o_ptr, lse_ptr,
+    # pointers: inputs, key-padding mask (int8, B x S), score bias over prefix / sequence keys, outputs
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, pbias_ptr, sbias_ptr, o_ptr, lse_ptr,
     # sizes: queries, sequence keys, prefix keys, head dim, query heads per kv head
     T, S, P, HEAD_DIM, GROUP,
     # strides (prefix: no batch stride, it is shared)
@@ -110,11 +124,12 @@ def _fwd_kernel(
     stride_pkh, stride_pkp, stride_pkd,
     stride_pvh, stride_pvp, stride_pvd,
     stride_mb, stride_ms,
+    stride_bh, stride_bt, stride_bn,
     stride_ob, stride_oh, stride_ot, stride_od,
     # softmax scale * log2(e), window extents (left, right; causal is WR = 0), autotune key
     qk_scale, WL, WR, size_key,
     # meta-parameters: LOCAL bounds the sequence keys by the window, PREFIX_LOCAL the prefix keys too
-    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -148,7 +163,8 @@ def _fwd_kernel(
             valid = valid & _band(offs_m, n, S - T + P, WL, WR)
         k_ptrs = pk_ptr + hkv * stride_pkh + n[None, :].to(tl.int64) * stride_pkp + offs_d[:, None] * stride_pkd
         v_ptrs = pv_ptr + hkv * stride_pvh + n[:, None].to(tl.int64) * stride_pvp + offs_d[None, :] * stride_pvd
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale,
+        bias = _bias_tile(pbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias,
                                       UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     # sequence keys: blocks outside the window (past the diagonal when causal) are never visited
@@ -166,7 +182,8 @@ def _fwd_kernel(
             valid = valid & _band(offs_m, n, S - T, WL, WR)
         k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + n[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd
         v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + n[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale,
+        bias = _bias_tile(sbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias,
                                       UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: o = 0, lse = +inf (then P = exp(s - lse) = 0 in the backward)
@@ -209,7 +226,7 @@ def _delta_kernel(
 @triton.jit
 def _dkdv_kernel(
     # pointers: inputs, keys/values of this launch (prefix or sequence), key-padding mask, outputs
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, bias_ptr, dk_ptr, dv_ptr,
     # sizes: queries, sequence keys, keys of this launch, head dim, query heads per kv head, query heads
     T, S, N_KEYS, HEAD_DIM, GROUP, HQ,
     # strides (stride_kb = 0 for the prefix; dk/dv of the prefix are per-batch fp32 partials)
@@ -218,13 +235,14 @@ def _dkdv_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_mb, stride_ms,
+    stride_bh, stride_bt, stride_bn,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     # softmax scale (natural) and scale * log2(e), window extents, autotune key
     sm_scale, qk_scale, WL, WR, size_key,
     # meta-parameters: PREFIX keys have no padding mask and are windowed only under PREFIX_LOCAL
     PREFIX: tl.constexpr, LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -272,6 +290,7 @@ def _dkdv_kernel(
             lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
             s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale
+            s += _bias_tile(bias_ptr, h, offs_m, offs_n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
             valid = m_mask[:, None] & col_ok[None, :]
             if (PREFIX and PREFIX_LOCAL) or (not PREFIX and LOCAL):
                 valid = valid & _band(offs_m, offs_n, q_shift, WL, WR)
@@ -288,11 +307,11 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid,
+def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias,
              qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale
+    s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale + bias
     p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
     ds = p * (dp - delta[:, None])
@@ -302,7 +321,7 @@ def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid,
 @triton.jit
 def _dq_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, pbias_ptr, sbias_ptr, dq_ptr,
     # sizes
     T, S, P, HEAD_DIM, GROUP,
     # strides
@@ -313,11 +332,12 @@ def _dq_kernel(
     stride_pvh, stride_pvp, stride_pvd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_mb, stride_ms,
+    stride_bh, stride_bt, stride_bn,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     # softmax scale (natural) and scale * log2(e), window extents, autotune key
     sm_scale, qk_scale, WL, WR, size_key,
     # meta-parameters (as _fwd_kernel's)
-    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -356,7 +376,9 @@ def _dq_kernel(
         rows_n = n[:, None].to(tl.int64)
         k_ptrs = pk_ptr + hkv * stride_pkh + rows_n * stride_pkp + offs_d[None, :] * stride_pkd
         v_ptrs = pv_ptr + hkv * stride_pvh + rows_n * stride_pvp + offs_d[None, :] * stride_pvd
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        bias = _bias_tile(pbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, qk_scale, UPCAST, PRECISION,
+                      BLOCK_M, BLOCK_N)
 
     lo, hi = 0, S
     if LOCAL:
@@ -374,7 +396,9 @@ def _dq_kernel(
         rows_n = n[:, None].to(tl.int64)
         k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + rows_n * stride_ks + offs_d[None, :] * stride_kd
         v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + rows_n * stride_vs + offs_d[None, :] * stride_vd
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        bias = _bias_tile(sbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, qk_scale, UPCAST, PRECISION,
+                      BLOCK_M, BLOCK_N)
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows_m * stride_dqt + offs_d[None, :] * stride_dqd,
@@ -455,8 +479,15 @@ def _window_args(causal: bool, window: tuple[int, int], window_counts_prefix: bo
     return wl, wr, local, prefix_local
 
 
+def _bias_args(bias, p_len, dummy):
+    """(prefix-part pointer, sequence-part pointer, strides) of a (Hq, T, P + S) bias, or dummies."""
+    if bias is None:
+        return dummy, dummy, (0, 0, 0)
+    return bias, bias[:, :, p_len:], bias.stride()
+
+
 def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, lse,
-                      window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True):
+                      window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
     """Fill ``out`` (B, Hq, T, D), any strides, and ``lse`` (B, Hq, T) fp32 contiguous.
 
     q (B, Hq, T, D), k / v (B, Hkv, S, D), pk / pv (Hkv, P, D), mask (B, S) bool or None; all strided.
@@ -467,20 +498,21 @@ def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, ls
     on_gpu = q.is_cuda
     m, smb, sms = _mask_args(mask, out)
     wl, wr, local, prefix_local = _window_args(causal, window, window_counts_prefix)
+    pb, sb, bias_strides = _bias_args(bias, P, out)
     args = (
-        q, k, v, pk, pv, m, out, lse,
+        q, k, v, pk, pv, m, pb, sb, out, lse,
         T, S, P, D, HQ // k.shape[1],
-        *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), smb, sms, *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), smb, sms, *bias_strides, *out.stride(),
         scale * _LOG2E, wl, wr, _size_key(local, T, S, P, D),
     )
-    meta = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None,
+    meta = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
                 UPCAST=not on_gpu and q.dtype != torch.float32, PRECISION=_precision(q), BLOCK_D=_block_d(D))
     grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
     _launch("_fwd_kernel", grid, args, meta, on_gpu)
 
 
 def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: float, dq, dk, dv,
-                       window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True):
+                       window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
     """Fill dq / dk / dv (strided like q / k / v) and return (dpk, dpv) fp32 (Hkv, P, D), summed over
     the batch in a fixed order (deterministic)."""
     B, HQ, T, D = q.shape
@@ -494,19 +526,22 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
     )
     m, smb, sms = _mask_args(mask, dq)
     wl, wr, local, prefix_local = _window_args(causal, window, window_counts_prefix)
-    common = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None, UPCAST=upcast,
+    pb, sb, bias_strides = _bias_args(bias, P, dq)
+    common = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+                  UPCAST=upcast,
                   PRECISION=_precision(q), BLOCK_D=block_d)
     key = _size_key(local, T, S, P, D)
 
-    def dkdv(keys, values, n_keys, dk_out, dv_out, prefix):
+    def dkdv(keys, values, n_keys, dk_out, dv_out, prefix, bias_part):
         kb = 0 if prefix else keys.stride(0)  # the prefix is read by every batch element
         vb = 0 if prefix else values.stride(0)
         kh, ks, kd = keys.stride()[-3:]
         vh, vs, vd = values.stride()[-3:]
         args = (
-            q, keys, values, do, lse, delta, m, dk_out, dv_out,
+            q, keys, values, do, lse, delta, m, bias_part, dk_out, dv_out,
             T, S, n_keys, D, HQ // HKV, HQ,
-            *q.stride(), kb, kh, ks, kd, vb, vh, vs, vd, *do.stride(), smb, sms, *dk_out.stride(), *dv_out.stride(),
+            *q.stride(), kb, kh, ks, kd, vb, vh, vs, vd, *do.stride(), smb, sms, *bias_strides,
+            *dk_out.stride(), *dv_out.stride(),
             scale, scale * _LOG2E, wl, wr, key,
         )
         grid = lambda mt: (triton.cdiv(n_keys, mt["BLOCK_N"]), HKV, B)  # noqa: E731
@@ -519,14 +554,15 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
         # (B, Hkv, P, D) fp32 is small next to q (P << T)
         part_k = torch.empty((B, HKV, P, D), device=q.device, dtype=torch.float32)
         part_v = torch.empty_like(part_k)
-        dkdv(pk, pv, P, part_k, part_v, True)
+        dkdv(pk, pv, P, part_k, part_v, True, pb)
         dpk, dpv = part_k.sum(0), part_v.sum(0)
     if S > 0:
-        dkdv(k, v, S, dk, dv, False)
+        dkdv(k, v, S, dk, dv, False, sb)
     args = (
-        q, k, v, pk, pv, do, lse, delta, m, dq,
+        q, k, v, pk, pv, do, lse, delta, m, pb, sb, dq,
         T, S, P, D, HQ // HKV,
-        *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *do.stride(), smb, sms, *dq.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *do.stride(), smb, sms, *bias_strides,
+        *dq.stride(),
         scale, scale * _LOG2E, wl, wr, key,
     )
     grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731

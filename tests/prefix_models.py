@@ -135,3 +135,12 @@ def seq2seq_batch(bsz=2, src=9, tgt=6, seed=1):
     labels = torch.randint(3, M.VOCAB, (bsz, tgt), generator=g)
     labels[1, -2:] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def t5_prefix_model(*, projection: bool = False, n_virtual: int = N_VIRTUAL):
+    """The tiny T5 of tests/models.py (no dropout) with PEFT prefix tuning."""
+    base = M.base_model("t5")
+    pcfg = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n_virtual,
+                                   prefix_projection=projection, encoder_hidden_size=32)
+    torch.manual_seed(200)
+    return peft.get_peft_model(base, pcfg)

@@ -114,26 +114,62 @@ def test_window_semantics_by_hand():
     assert prefix_visible(4, 4, 2, True, "cpu", (2, 0), False) is None
 
 
-def _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, dtype, device, window=(-1, -1), counts=True):
+BIAS_CASES = [
+    # b, hq, hkv, t, s, p, d, causal, pad, window
+    pytest.param(2, 4, 2, 37, 37, 5, 16, True, True, (-1, -1), id="causal-pad"),
+    pytest.param(2, 2, 2, 33, 45, 7, 32, False, True, (-1, -1), id="bidirectional-s>t"),
+    pytest.param(1, 2, 1, 70, 70, 40, 32, True, False, (20, 0), id="window-multi-block"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,hq,hkv,t,s,p,d,causal,pad,window", BIAS_CASES)
+def test_bias_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, window):
+    _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, torch.float32, "cpu", window, True, bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_low_precision(dtype):
+    _check_against_oracle("triton", 2, 4, 2, 37, 37, 5, 16, True, True, dtype, "cpu", bias=True)
+
+
+def test_bias_changes_the_output_and_gets_no_gradient():
+    tensors, _ = _make(1, 2, 2, 6, 6, 3, 16, torch.float32, False)
+    bias = torch.randn(2, 6, 9, requires_grad=True)  # a leaf: allowed, gets no gradient
+    plain = opa.prefix_attention(*tensors, causal=True, backend="triton")
+    out = opa.prefix_attention(*tensors, causal=True, bias=bias, backend="triton")
+    assert not torch.allclose(out, plain, atol=1e-3)
+    with pytest.raises(NotImplementedError, match="bias needs a gradient"):
+        opa.prefix_attention(*tensors, causal=True, bias=bias * 2, backend="triton")
+    with pytest.raises(ValueError, match=r"bias must be \(Hq, T, P \+ S\) = \(2, 6, 9\)"):
+        opa.prefix_attention(*tensors, causal=True, bias=torch.randn(1, 2, 6, 9), backend="triton")
+
+
+def _check_against_oracle(backend, b, hq, hkv, t, s, p, d, causal, pad, dtype, device, window=(-1, -1), counts=True,
+                          bias=False):
     tensors, mask = _make(b, hq, hkv, t, s, p, d, dtype, pad, device)
+    bias = torch.randn(hq, t, p + s, device=device).to(dtype) if bias else None  # representable in dtype
     leaves = _leaves(tensors)
     out = opa.prefix_attention(*leaves, causal=causal, key_padding_mask=mask, window=window,
-                               window_counts_prefix=counts, backend=backend)
+                               window_counts_prefix=counts, bias=bias, backend=backend)
     oracle_leaves = _leaves(tensors, torch.float64)
-    oracle, oracle_lse = ref.forward(*oracle_leaves, causal, mask, None, window, counts)
+    oracle, oracle_lse = ref.forward(*oracle_leaves, causal, mask, None, window, counts,
+                                     None if bias is None else bias.double())
     torch_leaves = _leaves(tensors)  # PyTorch's own computation in this dtype: concatenation + eager softmax
     # rows that see no key (padding inside a window): eager softmax averages the masked values there, the
     # kernel and the oracle give 0; zero them in PyTorch's result and give them no dy, so they do not
     # loosen the low-precision bound
     seen = torch.isfinite(oracle_lse)[..., None]
-    torch_out = ref.concat_attention(*torch_leaves, causal, mask, window=window, window_counts_prefix=counts) * seen
+    torch_out = ref.concat_attention(*torch_leaves, causal, mask, window=window, window_counts_prefix=counts,
+                                     bias=bias) * seen
     g = torch.randn(out.shape, device=device).to(dtype).double() * seen  # representable in dtype: same dy everywhere
 
     assert out.dtype == dtype and out.shape == (b, hq, t, d)
     assert out.transpose(1, 2).is_contiguous()  # the attention interface's (B, T, H, D) for free
     assert_close_to_oracle(out, oracle, torch_out, "o")
     grads = _grads(out, g, leaves)
-    want = ref.backward(g, *oracle_leaves, oracle, oracle_lse, causal, mask, None, window, counts)
+    want = ref.backward(g, *oracle_leaves, oracle, oracle_lse, causal, mask, None, window, counts,
+                        None if bias is None else bias.double())
     torch_grads = _grads(torch_out, g, torch_leaves)
     for name, got, w, tg, x in zip(["dq", "dk", "dv", "dpk", "dpv"], grads, want, torch_grads, leaves):
         assert got.shape == x.shape and got.dtype == x.dtype, name
@@ -254,9 +290,10 @@ def test_mismatched_devices_get_clear_error():
 def test_opcheck(backend):
     tensors, mask = _make(2, 4, 2, 5, 6, 3, 16, torch.float32, True)
     leaves = _leaves(tensors)
-    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, -1, -1, True, backend))
-    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, None, False, 0.25, -1, -1, True, backend))
-    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, 2, 0, True, backend))
+    bias = torch.randn(4, 5, 3 + 6)
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, -1, -1, True, None, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, None, False, 0.25, -1, -1, True, None, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, 2, 0, True, bias, backend))
 
 
 def test_compile_fullgraph():

@@ -46,6 +46,7 @@ def _prefix_attention_fwd(
     window_left: int,
     window_right: int,
     window_counts_prefix: bool,
+    bias: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     out = _empty_out(q)
@@ -56,10 +57,10 @@ def _prefix_attention_fwd(
         from ..kernels import prefix_attention as kpa
 
         kpa.attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, out, lse,
-                              (window_left, window_right), window_counts_prefix)
+                              (window_left, window_right), window_counts_prefix, bias)
     else:
         o, l = ref.forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale,
-                           (window_left, window_right), window_counts_prefix)
+                           (window_left, window_right), window_counts_prefix, bias)
         out.copy_(o)
         lse.copy_(l)
     return out, lse
@@ -67,7 +68,7 @@ def _prefix_attention_fwd(
 
 @_prefix_attention_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, window_left, window_right, window_counts_prefix,
-      backend):
+      bias, backend):
     return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -87,6 +88,7 @@ def _prefix_attention_bwd(
     window_left: int,
     window_right: int,
     window_counts_prefix: bool,
+    bias: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are summed over the batch."""
@@ -98,11 +100,11 @@ def _prefix_attention_bwd(
 
         dpk, dpv = kpa.attention_backward(
             grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, dq, dk, dv,
-            (window_left, window_right), window_counts_prefix,
+            (window_left, window_right), window_counts_prefix, bias,
         )
     else:
         gq, gk, gv, dpk, dpv = ref.backward(grad_o, q, k, v, prefix_k, prefix_v, o, lse, causal, key_padding_mask, scale,
-                                            (window_left, window_right), window_counts_prefix)
+                                            (window_left, window_right), window_counts_prefix, bias)
         dq.copy_(gq)
         dk.copy_(gk)
         dv.copy_(gv)
@@ -111,7 +113,7 @@ def _prefix_attention_bwd(
 
 @_prefix_attention_bwd.register_fake
 def _(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, window_left, window_right,
-      window_counts_prefix, backend):
+      window_counts_prefix, bias, backend):
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
         prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape),
@@ -119,17 +121,19 @@ def _(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, sca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, *static = inputs
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, left, right, counts, bias, backend = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask)
-    ctx.static = static  # causal, scale, window_left, window_right, window_counts_prefix, backend
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, bias)
+    ctx.static = (causal, scale, left, right, counts)
+    ctx.backend = backend
 
 
 def _backward(ctx, grad_o, _grad_lse):
-    q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask = ctx.saved_tensors
-    grads = _prefix_attention_bwd(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, *ctx.static)
+    q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, bias = ctx.saved_tensors
+    grads = _prefix_attention_bwd(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, *ctx.static, bias,
+                                  ctx.backend)
     grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
-    return (*grads, *([None] * (1 + len(ctx.static))))
+    return (*grads, *([None] * 8))  # mask, causal, scale, left, right, counts, bias (no gradient), backend
 
 
 torch.library.register_autograd("tunefast::prefix_attention_fwd", _backward, setup_context=_setup_context)
@@ -147,6 +151,7 @@ def prefix_attention(
     scale: Optional[float] = None,
     window: Optional[tuple[int, int]] = None,
     window_counts_prefix: bool = True,
+    bias: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention of ``q`` over a learned prefix shared by the batch followed by the sequence keys.
@@ -170,6 +175,9 @@ def prefix_attention(
             window (and causality) apply to it too, which is what PEFT's KV-cache prefix gives under
             transformers' sliding-window masks (a query more than left positions past the prefix stops
             seeing it). False: every query sees every prefix key whatever the window.
+        bias: (Hq, T, P + S) added to the scaled scores (prefix columns first), shared by the batch, in
+            q's dtype or float32: T5's relative position bias without a (B, H, T, P + S) mask. It gets no
+            gradient (a frozen position bias); one that needs a gradient through its graph is refused.
         backend: "auto", "triton" or "reference" (see tunefast.backend).
 
     Returns:
@@ -179,10 +187,30 @@ def prefix_attention(
     """
     key_padding_mask = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend)
     left, right = check_window(window, window_counts_prefix)
+    check_bias(bias, q, k, prefix_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, left, right,
-                                   window_counts_prefix, backend)
+                                   window_counts_prefix, bias, backend)
     return out
+
+
+def check_bias(bias, q, k, prefix_k) -> None:
+    """Raise a clear error for a bias that is not (Hq, T, P + S) on q's device, or that needs a gradient."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    want = (q.shape[1], q.shape[2], prefix_k.shape[1] + k.shape[2])
+    if tuple(bias.shape) != want:
+        raise ValueError(f"bias must be (Hq, T, P + S) = {want} (shared by the batch), got {tuple(bias.shape)}")
+    if bias.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"bias dtype {bias.dtype}: expected q's dtype {q.dtype} or torch.float32")
+    check_same_device([("q", q), ("bias", bias)])
+    if bias.requires_grad and bias.grad_fn is not None and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "bias needs a gradient (it comes from trainable parameters); prefix_attention gives the bias none: "
+            "freeze what produces it or use PyTorch attention"
+        )
 
 
 def check_window(window, window_counts_prefix) -> tuple[int, int]:

@@ -13,6 +13,12 @@ PROMPT_TUNING and P_TUNING (virtual tokens prepended to the input embeddings): P
 encoder once and broadcasts it (``repeat``), then one ``cat``; neither keeps anything for backward, so
 the patched path would be the same computation: PEFT's path stays, with a report entry saying so.
 
+Encoder-decoders (BART, T5; SEQ2SEQ_PREFIX): PEFT's EncoderDecoderCache gives the prefix to decoder
+self-attention only (its encoder runs without a cache and it empties the cross-attention cache), so the
+patched forward (seq2seq_prefix_forward) does the same: encoder self-attention and cross-attention run
+the kernel with P = 0. BART's decoder positions are shifted by P as PEFT's cache shifts them; T5's
+relative position bias reaches the kernel as one (H, T, P + T) bias shared by the batch.
+
 Sliding-window layers (Mistral, Qwen2 with use_sliding_window, Gemma 2/3 local layers) run the kernel
 with the model's window, which counts the prefix's positions exactly as PEFT's cache + transformers'
 masks do (prefix_interface.py); Gemma 2's logit soft-capping, chunked attention (Llama 4) and
@@ -66,10 +72,15 @@ SUPPORTED_TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE
 # self-attention only (the encoder runs without a cache; PEFT empties the cross-attention cache), so
 # ``prefix_modules`` (a regex over module names) says which attention modules take it; every other one
 # runs with P = 0. ``positions``: the decoder's learned-position module, whose positions PEFT's cache
-# shifts by P (None: relative positions only).
+# shifts by P (None: relative positions only). ``bias_source``: the module whose compute_bias gives the
+# relative position bias of the prefix keys (T5: PEFT's cache puts them at positions 0 .. P-1, before
+# the decoder tokens at P .. P+T-1, and layer 0 biases all P + T keys).
 SEQ2SEQ_PREFIX = {
     "bart": dict(prefix_modules=r"decoder\.layers\.\d+\.self_attn$", positions=r"decoder\.embed_positions$"),
+    "t5": dict(prefix_modules=r"decoder\.block\.\d+\.layer\.0\.SelfAttention$",
+               bias_source=r"decoder\.block\.0\.layer\.0\.SelfAttention$"),
 }
+BIAS_SOURCE = "_tunefast_bias_source"  # in an attention module's __dict__: where its prefix bias comes from
 PREFIX_LAYER = "_tunefast_prefix_layer"  # in an attention module's __dict__: its layer of the prefix
 
 INPUT_LEVEL_REASON = (
@@ -195,10 +206,17 @@ def _seq2seq_family(base):
 
 
 def _mark_prefix_layers(base, family) -> None:
-    """Record in each attention module that takes the prefix which layer of it it reads."""
-    for name, m in base.named_modules():
+    """Record in each attention module that takes the prefix which layer of it it reads (and, for T5,
+    which module computes the prefix's position bias; kept in __dict__, not as a submodule)."""
+    modules = dict(base.named_modules())
+    source = None
+    if family is not None and family.get("bias_source"):
+        source = next(m for n, m in modules.items() if re.search(family["bias_source"], n))
+    for name, m in modules.items():
         if _calls_attention_interface(type(m)) and _takes_prefix(name, m, family):
             m.__dict__[PREFIX_LAYER] = m.layer_idx
+            if source is not None:
+                m.__dict__[BIAS_SOURCE] = source
 
 
 def _device(model):
@@ -249,6 +267,7 @@ def undo(model) -> None:
         model.base_model.set_attn_implementation(state["attn_implementation"])
         for m in model.base_model.modules():
             m.__dict__.pop(PREFIX_LAYER, None)
+            m.__dict__.pop(BIAS_SOURCE, None)
 
 
 def register_handlers() -> None:

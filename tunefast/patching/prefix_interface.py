@@ -47,11 +47,6 @@ def interface_name(backend: str) -> str:
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tunefast_prefix=None, *,
               backend: str, **kwargs):
     """transformers attention function: returns ((B, T, Hq, D) output, None)."""
-    if kwargs.get("position_bias") is not None:
-        raise NotImplementedError(
-            f"{type(module).__name__} adds a position bias to the scores, which tunefast's prefix attention does not "
-            "take yet; tunefast.patch should have skipped this model: please report it"
-        )
     if kwargs.get("softcap") is not None:
         raise NotImplementedError(
             f"{type(module).__name__} caps attention logits (softcap={kwargs['softcap']}), which tunefast's prefix "
@@ -77,6 +72,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         prefix_k, prefix_v = tunefast_prefix[layer].unbind(0)
     else:
         prefix_k = prefix_v = key.new_empty((key.shape[1], 0, key.shape[3]))
+    bias = _score_bias(module, kwargs.get("position_bias"), query.shape[2], prefix_k.shape[1])
     # Under autocast q/k/v arrive in the autocast dtype while the prefix keeps the model's: the op takes
     # one dtype, so the (small) prefix follows q, and autocast stays out of the op's own math.
     key, value = key.to(query.dtype), value.to(query.dtype)
@@ -85,11 +81,38 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         if dropout and module.training:
             # The kernel has no attention dropout: PyTorch's path (probabilities materialised), as eager.
             out = ref.concat_attention(query, key, value, prefix_k, prefix_v, causal, attention_mask, scaling, dropout,
-                                       window=window or (-1, -1))
+                                       window=window or (-1, -1), bias=bias)
         else:
             out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=attention_mask,
-                                   scale=scaling, window=window, backend=backend)
+                                   scale=scaling, window=window, bias=bias, backend=backend)
     return out.transpose(1, 2), None
+
+
+def _score_bias(module, position_bias, t_len: int, p_len: int):
+    """T5's (1, H, T, S) relative position bias -> the op's (H, T, P + S) float32 bias, or None.
+
+    The prefix columns are what PEFT's cache gives: prefix key j at position j, query t at P + t, so
+    bias = compute_bias over relative positions j - (P + t) of the module named by prefix.py's table."""
+    if position_bias is None:
+        return None
+    if position_bias.dim() != 4 or position_bias.shape[0] != 1:
+        raise NotImplementedError(
+            f"{type(module).__name__}: a position bias of shape {tuple(position_bias.shape)} (expected (1, H, T, S), "
+            "shared by the batch) is not supported by tunefast's prefix attention"
+        )
+    if position_bias.requires_grad and position_bias.grad_fn is None:
+        # T5 makes its all-zero bias of layers without relative positions a leaf that requires grad under
+        # gradient checkpointing; nothing reads that gradient. A bias computed from trainable weights keeps
+        # its graph, and the op refuses it rather than dropping its gradient.
+        position_bias = position_bias.detach()
+    bias = position_bias[0].float()
+    if p_len > 0:
+        source = module.__dict__.get("_tunefast_bias_source")
+        if source is None:
+            raise NotImplementedError(f"{type(module).__name__}: no module to compute the prefix's position bias")
+        prefix_bias = source.compute_bias(t_len, p_len, device=bias.device, past_seen_tokens=p_len)[0]
+        bias = torch.cat([prefix_bias.float(), bias], dim=-1)
+    return bias
 
 
 def _pattern_is_supported(mask_function, local_size) -> bool:

@@ -21,6 +21,9 @@ are all padding): its output is 0, its lse is +inf, and it gets and gives zero g
 the same (flash-attention's convention). Eager attention instead averages V over the masked keys; such
 rows are padding and never reach a loss.
 
+``bias`` (Hq, T, P + S) or None: added to the scaled scores (columns: prefix keys, then sequence keys),
+shared by the batch (T5's relative position bias); it receives no gradient.
+
 Everything is computed in float32 (float64 stays float64, for the oracle) and cast back to q's dtype.
 GQA is computed by grouping the query heads (B, Hkv, G, T, D); nothing is repeated per head or per
 batch element: the prefix broadcasts over the batch.
@@ -70,7 +73,7 @@ def prefix_visible(t_len: int, s_len: int, p_len: int, causal: bool, device, win
     return _band(t_len, p_len, s_len - t_len + p_len, left, 0 if causal else right, device)[None, None, None]
 
 
-def _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_counts_prefix):
+def _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_counts_prefix, bias=None):
     """Grouped inputs and the (B, Hkv, G, T, P + S) scaled, masked scores in the compute dtype."""
     ct = _compute_dtype(q)
     b, hq, t_len, d = q.shape
@@ -81,6 +84,10 @@ def _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_cou
     pkc, pvc = pk.to(ct)[None, :, None], pv.to(ct)[None, :, None]  # (1, Hkv, 1, P, D): batch broadcast
     s_pre = (qg @ pkc.transpose(-1, -2)) * scale
     s_seq = (qg @ kc.transpose(-1, -2)) * scale
+    if bias is not None:
+        bg = bias.to(ct).reshape(1, hkv, g, t_len, -1)  # batch broadcast
+        p_len = pk.shape[1]
+        s_pre, s_seq = s_pre + bg[..., :p_len], s_seq + bg[..., p_len:]
     allowed = visible(t_len, s_len, causal, key_padding_mask, q.device, window)
     if allowed is not None:
         s_seq = s_seq.masked_fill(~allowed, float("-inf"))
@@ -91,12 +98,12 @@ def _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_cou
 
 
 def forward(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale: float | None = None,
-            window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True):
+            window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
     """Return (o (B, Hq, T, D) in q's dtype, lse (B, Hq, T) float32 (float64 for float64 inputs))."""
     scale = default_scale(q) if scale is None else scale
     b, hq, t_len, d = q.shape
     p_len = pk.shape[1]
-    _, _, vc, _, pvc, scores = _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_counts_prefix)
+    _, _, vc, _, pvc, scores = _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_counts_prefix, bias)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows with no visible key: p = 0
     probs = torch.exp(scores - lse)
@@ -106,14 +113,15 @@ def forward(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale: float |
 
 
 def backward(do, q, k, v, pk, pv, o, lse, causal: bool, key_padding_mask=None, scale: float | None = None,
-             window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True):
+             window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
     """Return (dq, dk, dv, dpk, dpv), each of its input's shape and dtype; dpk/dpv summed over the batch."""
     scale = default_scale(q) if scale is None else scale
     b, hq, t_len, d = q.shape
     hkv, p_len = k.shape[1], pk.shape[1]
     g = hq // hkv
     ct = _compute_dtype(q)
-    qg, kc, vc, pkc, pvc, scores = _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_counts_prefix)
+    qg, kc, vc, pkc, pvc, scores = _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_counts_prefix,
+                                           bias)
     probs = torch.exp(scores - lse.to(ct).reshape(b, hkv, g, t_len, 1))
     dog = do.to(ct).reshape(b, hkv, g, t_len, d)
     delta = (dog * o.to(ct).reshape(b, hkv, g, t_len, d)).sum(-1, keepdim=True)
@@ -140,7 +148,7 @@ def default_scale(q: torch.Tensor) -> float:
 
 
 def concat_attention(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale=None, dropout_p: float = 0.0,
-                     window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True):
+                     window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
     """What PEFT computes: the prefix copied into every batch element, K/V repeated per query head,
     explicit mask, softmax in float32 (transformers' eager attention). Differentiable by autograd.
 
@@ -154,6 +162,8 @@ def concat_attention(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale
     kk = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), k], dim=2).repeat_interleave(g, dim=1)
     vv = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), v], dim=2).repeat_interleave(g, dim=1)
     scores = (q @ kk.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)  # (Hq, T, P + S): broadcast over the batch
     allowed = visible(t_len, s_len, causal, key_padding_mask, q.device, window)
     pre = prefix_visible(t_len, s_len, p_len, causal, q.device, window, window_counts_prefix)
     if allowed is not None or pre is not None:
