@@ -20,6 +20,9 @@ Cases (sizes per device: CUDA_SIZES, and CPU_SIZES reduced so that the CPU run t
                sliding-window mask over its concatenated cache; patched, the kernel takes the window (counting
                the prefix's positions as PEFT's cache does) and skips key blocks outside it. Its FLOP count
                is the full-causal one of llama_step (an upper bound: the window halves the attention work).
+  t5_step /    prefix-tuned T5 / BART (SEQ_2_SEQ_LM: the prefix on decoder self-attention, as PEFT puts it),
+  bart_step    source and target of T tokens; T5 runs eager attention (its relative position bias), BART
+               sdpa. Patched, T5's bias reaches the kernel as one (H, T, P + T) tensor shared by the batch.
   prompt_step  a prompt-tuned Llama (input-level virtual tokens; the patch keeps PEFT's path) against the
                base model run on P + T real tokens: PEFT's path keeps nothing beyond the longer sequence.
 
@@ -221,6 +224,49 @@ def llama_case(sizes, dtype, device, family="llama") -> harness.Case:
     )
 
 
+def _seq2seq(family, sizes, dtype, device):
+    import transformers as tf
+
+    h, heads, layers = sizes["hidden"], sizes["heads"], sizes["layers"]
+    if family == "t5":
+        cfg = tf.T5Config(vocab_size=sizes["vocab"], d_model=h, d_ff=sizes["intermediate"], d_kv=h // heads,
+                          num_layers=layers, num_heads=heads, dropout_rate=0.0, decoder_start_token_id=0)
+        cfg._attn_implementation = "eager"
+        cls = tf.T5ForConditionalGeneration
+    else:
+        cfg = tf.BartConfig(vocab_size=sizes["vocab"], d_model=h, encoder_layers=layers, decoder_layers=layers,
+                            encoder_attention_heads=heads, decoder_attention_heads=heads,
+                            encoder_ffn_dim=sizes["intermediate"], decoder_ffn_dim=sizes["intermediate"],
+                            max_position_embeddings=sizes["seq"] + sizes["prefix"] + 2, dropout=0.0,
+                            attention_dropout=0.0, activation_dropout=0.0, forced_eos_token_id=None)
+        cfg._attn_implementation = "sdpa"
+        cls = tf.BartForConditionalGeneration
+    return cls(cfg).to(device=device, dtype=dtype)
+
+
+def seq2seq_case(family, sizes, dtype, device) -> harness.Case:
+    import peft
+
+    def inputs():
+        template = peft.get_peft_model(_seq2seq(family, sizes, dtype, device), peft.PrefixTuningConfig(
+            task_type="SEQ_2_SEQ_LM", num_virtual_tokens=sizes["prefix"]))
+        src = torch.randint(3, sizes["vocab"], (sizes["batch"], sizes["seq"]), device=device)
+        tgt = torch.randint(3, sizes["vocab"], (sizes["batch"], sizes["seq"]), device=device)
+        return template, src, tgt
+
+    def tunefast_setup(inp):
+        model, info = _patched(inp[0])
+        assert "prefix_attention" in info["kernels"], f"the prefix model was not patched: {info}"
+        return _train_step(model, inp[1], info, labels=inp[2])
+
+    return harness.Case(
+        suite="prefix", name=f"{family}_step", params=dict(sizes, dtype=dtype),
+        variants={"peft": lambda inp: _train_step(copy.deepcopy(inp[0]), inp[1], {}, labels=inp[2]),
+                  "tunefast": tunefast_setup},
+        inputs=inputs, dtype=dtype, tolerance=MODEL_TOLERANCE[dtype],
+    )
+
+
 def prompt_case(sizes, dtype, device) -> harness.Case:
     """PEFT prompt tuning (kept by the patch) against the plain model on P + T real tokens."""
     import peft
@@ -257,6 +303,7 @@ def cases(device: torch.device) -> list[harness.Case]:
     dtype, att = sizes["dtype"], sizes["attention"]
     out = [attention_case(p, t, b, att["heads"], att["kv_heads"], att["head_dim"], dtype, device) for p, t, b in att["grid"]]
     return out + [llama_case(sizes["llama"], dtype, device), llama_case(sizes["llama"], dtype, device, "mistral"),
+                  seq2seq_case("t5", sizes["llama"], dtype, device), seq2seq_case("bart", sizes["llama"], dtype, device),
                   prompt_case(sizes["llama"], dtype, device)]
 
 
@@ -267,7 +314,7 @@ def test_prefix(case, variant, measure):
         # tolerance checked here, not by Case.tolerance: the same-length variants compute another function
         tol = (TOLERANCE if case.name == "attention" else MODEL_TOLERANCE)[case.params["dtype"]]
         assert row["max_rel_err"] is not None and row["max_rel_err"] <= tol, row
-    if variant == "tunefast" and case.name in ("attention", "llama_step", "mistral_step"):
+    if variant == "tunefast" and case.name in ("attention", "llama_step", "mistral_step", "t5_step", "bart_step"):
         # no prefix copy per batch element, no K/V repeated per query head, no (T, P + T) mask or scores
         assert row["act_ratio"] < 1.0, row
     if variant == "tunefast" and case.name == "prompt_step":
