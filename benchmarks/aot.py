@@ -98,7 +98,7 @@ def build_jobs(arches, fixed_only, kernel_filter):
         arch = launch.ARCHES[cap]
         backend = make_backend(GPUTarget("cuda", cap, 32))
         for c in launch.capture_examples(arch):
-            if kernel_filter and kernel_filter not in c.kernel.name:
+            if kernel_filter and not any(k in c.kernel.name for k in kernel_filter.split(",")):
                 continue
             captured.add(c.kernel.name)
             roles = [("fixed", c.fixed)] + ([] if fixed_only else [("auto", cfg) for cfg in c.choosable])
@@ -262,7 +262,8 @@ def run_jobs(jobs, workers, timeout, cache_dir, results_dir=None, progress=True)
 # ----------------------------------------------------------------------------------------------------
 
 _NV_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
-_NV_USED = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
+_NV_USED = re.compile(r"Used (\d+) registers")
+_NV_SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def check_csrc(arches):
@@ -284,18 +285,24 @@ def check_csrc(arches):
                 elif entry and (m := _SPILL.search(line)):
                     entry["spill"] = int(m.group(1)) + int(m.group(2))
                 elif entry and (m := _NV_USED.search(line)):
-                    entry.update(regs=int(m.group(1)), smem=int(m.group(2)), error=None)
+                    smem = _NV_SMEM.search(line)  # absent when the kernel uses no static shared memory
+                    entry.update(regs=int(m.group(1)), smem=int(smem.group(1)) if smem else 0, error=None)
                     rows.append(entry)
                     entry = None
+            if not any(r.get("file") == cu.name and r["arch"] == cap for r in rows):
+                rows.append(dict(kernel=cu.name, file=cu.name, arch=cap, error="no kernel found in nvcc's ptxas log"))
     return rows
 
 
 def _demangle(name):
+    """tunefast::scatter_kernel<__half, float> from a mangled CUDA entry name (c++filt; raw if absent)."""
     try:
-        out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
     except OSError:
         return name
-    return out.split("(")[0] + "<" + out.split("<", 1)[1].split(">")[0] + ">" if "<" in out else out.split("(")[0]
+    out = out.replace("(anonymous namespace)::", "")
+    out = out[5:] if out.startswith("void ") else out
+    return out.split("(")[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,7 +396,7 @@ def main(argv=None):
     ap.add_argument("--no-csrc", action="store_true", help="skip nvcc on csrc/*.cu")
     ap.add_argument("--jobs", type=int, default=2, help="compile processes (2: this project's CPU boxes)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per compile before it counts as failed")
-    ap.add_argument("--kernel", default="", help="only kernels whose name contains this (skips the coverage check)")
+    ap.add_argument("--kernel", default="", help="only kernels whose name contains one of these comma-separated strings (skips the coverage check)")
     ap.add_argument("--no-reuse", action="store_true", help="recompile results kept from earlier runs")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before, after)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the JSON result")

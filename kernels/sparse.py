@@ -52,23 +52,27 @@ def _spmm_kernel(
     mask_s = rs < S
     rt64 = rt.to(tl.int64)
     rs64 = rs.to(tl.int64)
-    start = tl.load(seg_ptr + rs64, mask=mask_s, other=0)
-    length = tl.load(seg_ptr + rs64 + 1, mask=mask_s, other=0) - start
+    # Segment bounds as (1, BLOCK_S) rows: the loop works on 2-D tiles only. Mixing 1-D segment vectors
+    # with their 2-D broadcasts inside the loop fails to compile with triton 3.6 (conflicting layouts in
+    # TritonGPURemoveLayoutConversions, sm_80 and sm_90, every dtype).
+    start = tl.load(seg_ptr + rs64, mask=mask_s, other=0)[None, :]
+    length = tl.load(seg_ptr + rs64 + 1, mask=mask_s, other=0)[None, :] - start
+    seg = rs64[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
     # The tile's longest segment sets the trip count: ~density * K steps (41 at 1 % of K = 4096).
-    for j in range(0, tl.max(length, axis=0)):
-        live = mask_s & (j < length)
+    for j in range(0, tl.max(tl.max(length, axis=1), axis=0)):
+        live = mask_s[None, :] & (j < length)
         e = start + j
         if TRANSPOSED:
             g = tl.load(gather_ptr + e, mask=live, other=0).to(tl.int64)
             p = tl.load(perm_ptr + e, mask=live, other=0).to(tl.int64)
         else:
-            g = tl.load(gather_ptr + e, mask=live, other=0) - rs64 * n_in
+            g = tl.load(gather_ptr + e, mask=live, other=0) - seg * n_in
             p = e
         v = tl.load(val_ptr + p, mask=live, other=0.0).to(tl.float32)
-        xin = tl.load(inp_ptr + rt64[:, None] * stride_im + g[None, :] * stride_ig,
-                      mask=mask_t[:, None] & live[None, :], other=0.0).to(tl.float32)
-        acc += xin * v[None, :]
+        xin = tl.load(inp_ptr + rt64[:, None] * stride_im + g * stride_ig,
+                      mask=mask_t[:, None] & live, other=0.0).to(tl.float32)
+        acc += xin * v
     o_ptrs = out_ptr + rt64[:, None] * stride_om + rs64[None, :] * stride_os
     omask = mask_t[:, None] & mask_s[None, :]
     acc += tl.load(o_ptrs, mask=omask, other=0.0).to(tl.float32)
