@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import philox_keep
 from .tuning import autotune_enabled
 
 _LOG2E = 1.4426950408889634
@@ -93,7 +94,20 @@ def _bias_tile(bias_ptr, h, rows, cols, row_mask, col_mask, stride_bh, stride_bt
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias,
+def _drop_tile(seed, rows, cols, n_cols, threshold, drop_scale, DROPOUT: tl.constexpr):
+    """Dropout factor of the (rows, cols) probabilities: 1 / (1 - p) where kept, 0 where dropped (1.0 without
+    dropout). ``rows``: global query rows (b * Hq + h) * T + t; ``cols``: key columns in [prefix | sequence].
+    Element (row, col) draws Philox offset row * n_cols + col (kernels/dropout.py), so the backward
+    regenerates the forward's mask instead of storing it."""
+    if DROPOUT:
+        offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :].to(tl.int64)
+        return tl.where(philox_keep(seed, offs, threshold), drop_scale, 0.0)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias, drop,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One online-softmax step over a key block. Scores are in log2 units (scale * log2(e) folded in)."""
     k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
@@ -107,7 +121,8 @@ def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_sc
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+    # dropout acts on the normalised probabilities: l_i sums the undropped p, acc the dropped ones
+    acc = _dot((p * drop).to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
     return acc, m_new, l_i
 
 
@@ -126,10 +141,12 @@ def _fwd_kernel(
     stride_mb, stride_ms,
     stride_bh, stride_bt, stride_bn,
     stride_ob, stride_oh, stride_ot, stride_od,
-    # softmax scale * log2(e), window extents (left, right; causal is WR = 0), autotune key
-    qk_scale, WL, WR, size_key,
+    # softmax scale * log2(e), window extents (left, right; causal is WR = 0), dropout seed / uint32
+    # threshold / 1 / (1 - p), autotune key
+    qk_scale, WL, WR, seed, drop_threshold, drop_scale, size_key,
     # meta-parameters: LOCAL bounds the sequence keys by the window, PREFIX_LOCAL the prefix keys too
-    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -151,6 +168,7 @@ def _fwd_kernel(
 
     row_lo = pid_m * BLOCK_M
     row_hi = tl.minimum(row_lo + BLOCK_M, T) - 1
+    drop_rows = (b * tl.num_programs(1) + h) * T + offs_m
     # prefix keys: seen by every query, no mask but the bounds (and the window under PREFIX_LOCAL)
     p_lo, p_hi = 0, P
     if PREFIX_LOCAL:
@@ -164,7 +182,8 @@ def _fwd_kernel(
         k_ptrs = pk_ptr + hkv * stride_pkh + n[None, :].to(tl.int64) * stride_pkp + offs_d[:, None] * stride_pkd
         v_ptrs = pv_ptr + hkv * stride_pvh + n[:, None].to(tl.int64) * stride_pvp + offs_d[None, :] * stride_pvd
         bias = _bias_tile(pbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias,
+        drop = _drop_tile(seed, drop_rows, n, P + S, drop_threshold, drop_scale, DROPOUT)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias, drop,
                                       UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     # sequence keys: blocks outside the window (past the diagonal when causal) are never visited
@@ -183,7 +202,8 @@ def _fwd_kernel(
         k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + n[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd
         v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + n[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
         bias = _bias_tile(sbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias,
+        drop = _drop_tile(seed, drop_rows, P + n, P + S, drop_threshold, drop_scale, DROPOUT)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias, drop,
                                       UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: o = 0, lse = +inf (then P = exp(s - lse) = 0 in the backward)
@@ -227,8 +247,9 @@ def _delta_kernel(
 def _dkdv_kernel(
     # pointers: inputs, keys/values of this launch (prefix or sequence), key-padding mask, outputs
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, bias_ptr, dk_ptr, dv_ptr,
-    # sizes: queries, sequence keys, keys of this launch, head dim, query heads per kv head, query heads
-    T, S, N_KEYS, HEAD_DIM, GROUP, HQ,
+    # sizes: queries, sequence keys, keys of this launch, head dim, query heads per kv head, query heads,
+    # column of this launch's first key in [prefix | sequence] and P + S (for the dropout offsets)
+    T, S, N_KEYS, HEAD_DIM, GROUP, HQ, COL0, N_COLS,
     # strides (stride_kb = 0 for the prefix; dk/dv of the prefix are per-batch fp32 partials)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -238,11 +259,11 @@ def _dkdv_kernel(
     stride_bh, stride_bt, stride_bn,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    # softmax scale (natural) and scale * log2(e), window extents, autotune key
-    sm_scale, qk_scale, WL, WR, size_key,
+    # softmax scale (natural) and scale * log2(e), window extents, dropout (as _fwd_kernel's), autotune key
+    sm_scale, qk_scale, WL, WR, seed, drop_threshold, drop_scale, size_key,
     # meta-parameters: PREFIX keys have no padding mask and are windowed only under PREFIX_LOCAL
     PREFIX: tl.constexpr, LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -295,9 +316,10 @@ def _dkdv_kernel(
             if (PREFIX and PREFIX_LOCAL) or (not PREFIX and LOCAL):
                 valid = valid & _band(offs_m, offs_n, q_shift, WL, WR)
             p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-            dv = _dot(tl.trans(p.to(do.dtype)), do, dv, UPCAST, PRECISION)
+            drop = _drop_tile(seed, row_base + offs_m, COL0 + offs_n, N_COLS, drop_threshold, drop_scale, DROPOUT)
+            dv = _dot(tl.trans((p * drop).to(do.dtype)), do, dv, UPCAST, PRECISION)
             dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp * drop - delta[:, None])
             dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST, PRECISION)
     dk = dk * sm_scale
     tl.store(dk_ptr + b * stride_dkb + hkv * stride_dkh + rows_n * stride_dks + offs_d[None, :] * stride_dkd,
@@ -307,14 +329,14 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias,
+def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, drop,
              qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION) * qk_scale + bias
     p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp * drop - delta[:, None])
     return _dot(ds.to(k.dtype), k, dq, UPCAST, PRECISION)
 
 
@@ -334,10 +356,11 @@ def _dq_kernel(
     stride_mb, stride_ms,
     stride_bh, stride_bt, stride_bn,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    # softmax scale (natural) and scale * log2(e), window extents, autotune key
-    sm_scale, qk_scale, WL, WR, size_key,
+    # softmax scale (natural) and scale * log2(e), window extents, dropout (as _fwd_kernel's), autotune key
+    sm_scale, qk_scale, WL, WR, seed, drop_threshold, drop_scale, size_key,
     # meta-parameters (as _fwd_kernel's)
-    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    LOCAL: tl.constexpr, PREFIX_LOCAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -377,7 +400,8 @@ def _dq_kernel(
         k_ptrs = pk_ptr + hkv * stride_pkh + rows_n * stride_pkp + offs_d[None, :] * stride_pkd
         v_ptrs = pv_ptr + hkv * stride_pvh + rows_n * stride_pvp + offs_d[None, :] * stride_pvd
         bias = _bias_tile(pbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, qk_scale, UPCAST, PRECISION,
+        drop = _drop_tile(seed, row_base + offs_m, n, P + S, drop_threshold, drop_scale, DROPOUT)
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, drop, qk_scale, UPCAST, PRECISION,
                       BLOCK_M, BLOCK_N)
 
     lo, hi = 0, S
@@ -397,7 +421,8 @@ def _dq_kernel(
         k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + rows_n * stride_ks + offs_d[None, :] * stride_kd
         v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + rows_n * stride_vs + offs_d[None, :] * stride_vd
         bias = _bias_tile(sbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, qk_scale, UPCAST, PRECISION,
+        drop = _drop_tile(seed, row_base + offs_m, P + n, P + S, drop_threshold, drop_scale, DROPOUT)
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, drop, qk_scale, UPCAST, PRECISION,
                       BLOCK_M, BLOCK_N)
 
     dq = dq * sm_scale
@@ -479,6 +504,13 @@ def _window_args(causal: bool, window: tuple[int, int], window_counts_prefix: bo
     return wl, wr, local, prefix_local
 
 
+def _dropout_args(dropout: tuple[int, int, float]):
+    """(seed, uint32 keep threshold, keep scale): tunefast/reference/dropout.py's definitions, computed by the
+    op layer; threshold 0 is no dropout."""
+    seed, threshold, scale = dropout
+    return int(seed), int(threshold), float(scale)
+
+
 def _bias_args(bias, p_len, dummy):
     """(prefix-part pointer, sequence-part pointer, strides) of a (Hq, T, P + S) bias, or dummies."""
     if bias is None:
@@ -487,7 +519,8 @@ def _bias_args(bias, p_len, dummy):
 
 
 def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, lse,
-                      window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
+                      window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None,
+                      dropout: tuple[int, int, float] = (0, 0, 1.0)):
     """Fill ``out`` (B, Hq, T, D), any strides, and ``lse`` (B, Hq, T) fp32 contiguous.
 
     q (B, Hq, T, D), k / v (B, Hkv, S, D), pk / pv (Hkv, P, D), mask (B, S) bool or None; all strided.
@@ -503,16 +536,18 @@ def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, ls
         q, k, v, pk, pv, m, pb, sb, out, lse,
         T, S, P, D, HQ // k.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), smb, sms, *bias_strides, *out.stride(),
-        scale * _LOG2E, wl, wr, _size_key(local, T, S, P, D),
+        scale * _LOG2E, wl, wr, *_dropout_args(dropout), _size_key(local, T, S, P, D),
     )
     meta = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+                DROPOUT=dropout[1] > 0,
                 UPCAST=not on_gpu and q.dtype != torch.float32, PRECISION=_precision(q), BLOCK_D=_block_d(D))
     grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
     _launch("_fwd_kernel", grid, args, meta, on_gpu)
 
 
 def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: float, dq, dk, dv,
-                       window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
+                       window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None,
+                       dropout: tuple[int, int, float] = (0, 0, 1.0)):
     """Fill dq / dk / dv (strided like q / k / v) and return (dpk, dpv) fp32 (Hkv, P, D), summed over
     the batch in a fixed order (deterministic)."""
     B, HQ, T, D = q.shape
@@ -528,7 +563,7 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
     wl, wr, local, prefix_local = _window_args(causal, window, window_counts_prefix)
     pb, sb, bias_strides = _bias_args(bias, P, dq)
     common = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-                  UPCAST=upcast,
+                  DROPOUT=dropout[1] > 0, UPCAST=upcast,
                   PRECISION=_precision(q), BLOCK_D=block_d)
     key = _size_key(local, T, S, P, D)
 
@@ -539,10 +574,10 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
         vh, vs, vd = values.stride()[-3:]
         args = (
             q, keys, values, do, lse, delta, m, bias_part, dk_out, dv_out,
-            T, S, n_keys, D, HQ // HKV, HQ,
+            T, S, n_keys, D, HQ // HKV, HQ, 0 if prefix else P, P + S,
             *q.stride(), kb, kh, ks, kd, vb, vh, vs, vd, *do.stride(), smb, sms, *bias_strides,
             *dk_out.stride(), *dv_out.stride(),
-            scale, scale * _LOG2E, wl, wr, key,
+            scale, scale * _LOG2E, wl, wr, *_dropout_args(dropout), key,
         )
         grid = lambda mt: (triton.cdiv(n_keys, mt["BLOCK_N"]), HKV, B)  # noqa: E731
         _launch("_dkdv_kernel", grid, args, dict(PREFIX=prefix, **common), on_gpu)
@@ -563,7 +598,7 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
         T, S, P, D, HQ // HKV,
         *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *do.stride(), smb, sms, *bias_strides,
         *dq.stride(),
-        scale, scale * _LOG2E, wl, wr, key,
+        scale, scale * _LOG2E, wl, wr, *_dropout_args(dropout), key,
     )
     grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
     _launch("_dq_kernel", grid, args, common, on_gpu)

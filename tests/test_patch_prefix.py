@@ -192,17 +192,32 @@ def test_report_gives_reasons_when_the_model_cannot_be_patched(monkeypatch):
     assert model.base_model.config._attn_implementation == impl
 
 
-def test_attention_dropout_is_reported_and_runs_in_training():
+def _bert_with_attention_dropout(p=0.1):
     base = M.base_model("bert")
     for layer in base.bert.encoder.layer:
-        layer.attention.self.dropout.p = 0.1
-    model = PM.prefix_model("bert", base=base)
-    report = tunefast.patch(model, backend="reference")
-    assert all("attention dropout 0.1 runs unfused" in e.detail for e in report.patched)
+        layer.attention.self.dropout.p = p
+    return PM.prefix_model("bert", base=base, projection=True)
+
+
+def test_attention_dropout_runs_in_the_kernel_and_checkpointing_regenerates_it():
+    """Dropout in training: reported; eval mode is dropout-free; with the same torch seed, a checkpointed
+    step (whose recompute draws the mask again) gives the same loss and gradients as a plain one."""
+    model = _bert_with_attention_dropout()
+    report = tunefast.patch(model, backend="triton")
+    assert all("attention dropout 0.1 in the kernel" in e.detail for e in report.patched), str(report)
+    inputs = M.batch("bert")
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(**inputs).loss
     model.train()
-    loss = model(**M.batch("bert")).loss
-    loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.manual_seed(3)
+    plain = PM.logits_loss_grads(model, inputs)
+    torch.manual_seed(4)
+    other = PM.logits_loss_grads(model, inputs)
+    assert not torch.allclose(plain[1], eval_loss) and not torch.allclose(plain[1], other[1])
+    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(3)
+    assert_parity(plain, PM.logits_loss_grads(model, inputs))
 
 
 def test_autocast_matches_peft_under_autocast():

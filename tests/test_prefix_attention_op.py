@@ -291,9 +291,9 @@ def test_opcheck(backend):
     tensors, mask = _make(2, 4, 2, 5, 6, 3, 16, torch.float32, True)
     leaves = _leaves(tensors)
     bias = torch.randn(4, 5, 3 + 6)
-    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, -1, -1, True, None, backend))
-    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, None, False, 0.25, -1, -1, True, None, backend))
-    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, 2, 0, True, bias, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, -1, -1, True, None, 0.0, 0, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, None, False, 0.25, -1, -1, True, None, 0.0, 0, backend))
+    torch.library.opcheck(opa._prefix_attention_fwd, (*leaves, mask, True, 0.25, 2, 0, True, bias, 0.1, 7, backend))
 
 
 def test_compile_fullgraph():
@@ -308,3 +308,86 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
     compiled.sum().backward()
     assert pk.grad is not None and pv.grad is not None
+
+
+# ---- attention dropout (counter-based mask, regenerated in the backward) ----------------------------
+
+
+def _dropped_attention(q, k, v, pk, pv, causal, mask, p, seed):
+    """Plain autograd attention over [prefix | sequence] with the reference's dropout factor."""
+    b, hq, t, d = q.shape
+    hkv, s, n = k.shape[1], k.shape[2], pk.shape[1]
+    g = hq // hkv
+    kk = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2).repeat_interleave(g, dim=1)
+    vv = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2).repeat_interleave(g, dim=1)
+    scores = q @ kk.transpose(-1, -2) / d**0.5
+    allowed = torch.ones(b, 1, t, n + s, dtype=torch.bool)
+    if causal:
+        allowed[..., n:] &= torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    if mask is not None:
+        allowed[..., n:] &= mask[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    factor = ref.drop_factor((b, hkv, g, t, n + s), p, seed, probs.dtype, probs.device).reshape(b, hq, t, n + s)
+    return (probs * factor) @ vv
+
+
+def test_dropout_reference_matches_autograd():
+    tensors, mask = _make(2, 4, 2, 9, 12, 4, 8, torch.float64, True)
+    mask[:, 0] = True  # every row sees a key: softmax over -inf-only rows is NaN in the autograd version
+    leaves = _leaves(tensors)
+    o, lse = ref.forward(*leaves, True, mask, None, dropout_p=0.3, seed=11)
+    want = _dropped_attention(*leaves, True, mask, 0.3, 11)
+    torch.testing.assert_close(o, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(o)
+    auto = torch.autograd.grad(want, leaves, g)
+    for a, r in zip(auto, ref.backward(g, *leaves, o, lse, True, mask, None, dropout_p=0.3, seed=11)):
+        torch.testing.assert_close(r, a, rtol=1e-10, atol=1e-12)
+    undropped, _ = ref.forward(*leaves, True, mask, None)
+    assert not torch.allclose(o, undropped, atol=1e-3)
+
+
+@pytest.mark.parametrize("b,hq,hkv,t,s,p,d,causal,window", [
+    pytest.param(2, 4, 2, 37, 37, 5, 16, True, None, id="gqa-causal"),
+    pytest.param(1, 2, 1, 70, 70, 40, 32, True, (20, 0), id="window-multi-block"),
+    pytest.param(2, 2, 2, 33, 45, 7, 32, False, None, id="bidirectional-s>t"),
+])
+def test_dropout_kernel_regenerates_the_reference_mask(b, hq, hkv, t, s, p, d, causal, window):
+    """Forward and backward of the kernel against the reference with the same seed: the same mask."""
+    tensors, mask = _make(b, hq, hkv, t, s, p, d, torch.float32, True)
+    g = torch.randn(b, hq, t, d)
+    runs = []
+    for backend in BACKENDS:
+        leaves = _leaves(tensors)
+        out = opa.prefix_attention(*leaves, causal=causal, key_padding_mask=mask, window=window, dropout_p=0.25,
+                                   seed=1234, backend=backend)
+        out.backward(g)
+        runs.append([out.detach()] + [x.grad for x in leaves])
+    for name, got, want in zip(["o", "dq", "dk", "dv", "dpk", "dpv"], *runs):
+        scale = max(want.abs().max().item(), 1e-6)
+        assert (got - want).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_dropout_statistics_and_seeds():
+    """With every value 1 each output row is sum_j P_ij keep_ij / (1 - p): 1 in expectation, not per row."""
+    tensors, _ = _make(1, 2, 2, 64, 64, 8, 16, torch.float32, False)
+    q, k, v, pk, pv = tensors
+    v, pv = torch.ones_like(v), torch.ones_like(pv)
+    p = 0.2
+    out = opa.prefix_attention(q, k, v, pk, pv, causal=True, dropout_p=p, seed=5, backend="triton")[..., 0]
+    assert abs(out.mean().item() - 1.0) < 0.05, out.mean()
+    assert out.std().item() > 0.05  # rows differ: something was dropped
+    factor = ref.drop_factor((4, 8, 16, 64, 72), p, 5, torch.float32, "cpu")
+    assert abs((factor == 0).float().mean().item() - p) < 0.01
+    again = opa.prefix_attention(q, k, v, pk, pv, causal=True, dropout_p=p, seed=5, backend="triton")[..., 0]
+    other = opa.prefix_attention(q, k, v, pk, pv, causal=True, dropout_p=p, seed=6, backend="triton")[..., 0]
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    plain = opa.prefix_attention(q, k, v, pk, pv, causal=True, backend="triton")
+    zero = opa.prefix_attention(q, k, v, pk, pv, causal=True, dropout_p=0.0, seed=5, backend="triton")
+    assert torch.equal(plain, zero)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(dropout_p=1.0), "dropout_p must be a number in"),
+                                      (dict(dropout_p=0.1, seed=-1), "seed must be None or a non-negative int")])
+def test_dropout_bad_input(kw, match):
+    with pytest.raises(ValueError, match=match):
+        opa.prefix_attention(**_kw(**kw))

@@ -47,6 +47,8 @@ def _prefix_attention_fwd(
     window_right: int,
     window_counts_prefix: bool,
     bias: Optional[Tensor],
+    dropout_p: float,
+    seed: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     out = _empty_out(q)
@@ -57,10 +59,10 @@ def _prefix_attention_fwd(
         from ..kernels import prefix_attention as kpa
 
         kpa.attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, out, lse,
-                              (window_left, window_right), window_counts_prefix, bias)
+                              (window_left, window_right), window_counts_prefix, bias, _dropout(dropout_p, seed))
     else:
         o, l = ref.forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale,
-                           (window_left, window_right), window_counts_prefix, bias)
+                           (window_left, window_right), window_counts_prefix, bias, dropout_p, seed)
         out.copy_(o)
         lse.copy_(l)
     return out, lse
@@ -68,7 +70,7 @@ def _prefix_attention_fwd(
 
 @_prefix_attention_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, window_left, window_right, window_counts_prefix,
-      bias, backend):
+      bias, dropout_p, seed, backend):
     return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -89,6 +91,8 @@ def _prefix_attention_bwd(
     window_right: int,
     window_counts_prefix: bool,
     bias: Optional[Tensor],
+    dropout_p: float,
+    seed: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are summed over the batch."""
@@ -100,11 +104,11 @@ def _prefix_attention_bwd(
 
         dpk, dpv = kpa.attention_backward(
             grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, dq, dk, dv,
-            (window_left, window_right), window_counts_prefix, bias,
+            (window_left, window_right), window_counts_prefix, bias, _dropout(dropout_p, seed),
         )
     else:
         gq, gk, gv, dpk, dpv = ref.backward(grad_o, q, k, v, prefix_k, prefix_v, o, lse, causal, key_padding_mask, scale,
-                                            (window_left, window_right), window_counts_prefix, bias)
+                                            (window_left, window_right), window_counts_prefix, bias, dropout_p, seed)
         dq.copy_(gq)
         dk.copy_(gk)
         dv.copy_(gv)
@@ -113,7 +117,7 @@ def _prefix_attention_bwd(
 
 @_prefix_attention_bwd.register_fake
 def _(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, scale, window_left, window_right,
-      window_counts_prefix, bias, backend):
+      window_counts_prefix, bias, dropout_p, seed, backend):
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
         prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape),
@@ -121,19 +125,20 @@ def _(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, causal, sca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, left, right, counts, bias, backend = inputs
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, left, right, counts, bias, dropout_p, seed, backend = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, bias)
     ctx.static = (causal, scale, left, right, counts)
+    ctx.dropout = (dropout_p, seed)
     ctx.backend = backend
 
 
 def _backward(ctx, grad_o, _grad_lse):
     q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, bias = ctx.saved_tensors
     grads = _prefix_attention_bwd(grad_o, q, k, v, prefix_k, prefix_v, o, lse, key_padding_mask, *ctx.static, bias,
-                                  ctx.backend)
+                                  *ctx.dropout, ctx.backend)
     grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
-    return (*grads, *([None] * 8))  # mask, causal, scale, left, right, counts, bias (no gradient), backend
+    return (*grads, *([None] * 10))  # mask, causal, scale, left, right, counts, bias (no gradient), p, seed, backend
 
 
 torch.library.register_autograd("tunefast::prefix_attention_fwd", _backward, setup_context=_setup_context)
@@ -152,6 +157,8 @@ def prefix_attention(
     window: Optional[tuple[int, int]] = None,
     window_counts_prefix: bool = True,
     bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention of ``q`` over a learned prefix shared by the batch followed by the sequence keys.
@@ -178,6 +185,10 @@ def prefix_attention(
         bias: (Hq, T, P + S) added to the scaled scores (prefix columns first), shared by the batch, in
             q's dtype or float32: T5's relative position bias without a (B, H, T, P + S) mask. It gets no
             gradient (a frozen position bias); one that needs a gradient through its graph is refused.
+        dropout_p: attention dropout on the normalised probabilities (0 <= p < 1), by the counter-based
+            Philox mask of tunefast/reference/dropout.py, regenerated in the backward (nothing stored).
+        seed: the mask's seed (non-negative int); None draws one from torch's default generator, so
+            torch.manual_seed and non-reentrant checkpointing (which restores the RNG state) repeat it.
         backend: "auto", "triton" or "reference" (see tunefast.backend).
 
     Returns:
@@ -188,10 +199,31 @@ def prefix_attention(
     key_padding_mask = check_prefix_attention_args(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend)
     left, right = check_window(window, window_counts_prefix)
     check_bias(bias, q, k, prefix_k)
+    dropout_p, seed = check_dropout(dropout_p, seed)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = _prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), scale, left, right,
-                                   window_counts_prefix, bias, backend)
+                                   window_counts_prefix, bias, dropout_p, seed, backend)
     return out
+
+
+def _dropout(dropout_p: float, seed: int) -> tuple[int, int, float]:
+    """(seed, uint32 keep threshold, keep scale) for the kernel (threshold 0: no dropout)."""
+    from ..reference import dropout as rd
+
+    return seed, rd.keep_threshold(dropout_p), rd.keep_scale(dropout_p)
+
+
+def check_dropout(dropout_p, seed) -> tuple[float, int]:
+    """(p, seed) validated; a seed drawn from torch's default generator when p > 0 and seed is None."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be None or a non-negative int, got {seed!r}")
+    if dropout_p == 0.0:
+        return 0.0, 0
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    return float(dropout_p), seed
 
 
 def check_bias(bias, q, k, prefix_k) -> None:

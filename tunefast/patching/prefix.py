@@ -157,7 +157,7 @@ def _module_detail(name, m, cfg, family=None):
     if mhd is not None and int(mhd) != head_dim:
         return None, f"{name}: head dim {mhd} differs from the prefix's {head_dim}"
     p = _dropout_p(m)
-    drop = f"; attention dropout {p:g} runs unfused in training" if p > 0 else ""
+    drop = f"; attention dropout {p:g} in the kernel (counter-based mask) in training" if p > 0 else ""
     mode = "causal" if getattr(m, "is_causal", True) else "bidirectional"
     window = _module_window(m)
     if window is not None:

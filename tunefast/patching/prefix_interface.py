@@ -35,7 +35,6 @@ import functools
 import torch
 
 from ..ops.prefix_attention import prefix_attention
-from ..reference import prefix_attention as ref
 
 NAME_PREFIX = "tunefast_prefix_"
 
@@ -77,14 +76,13 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     # one dtype, so the (small) prefix follows q, and autocast stays out of the op's own math.
     key, value = key.to(query.dtype), value.to(query.dtype)
     prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+    # Attention dropout in training: the kernel's counter-based mask, seeded from torch's generator, so
+    # torch.manual_seed repeats it and non-reentrant checkpointing (which restores the RNG state) recomputes
+    # the very same mask. Not PyTorch's dropout mask: the same distribution, not the same draws.
+    dropout_p = float(dropout) if dropout and module.training else 0.0
     with torch.autocast(query.device.type, enabled=False):
-        if dropout and module.training:
-            # The kernel has no attention dropout: PyTorch's path (probabilities materialised), as eager.
-            out = ref.concat_attention(query, key, value, prefix_k, prefix_v, causal, attention_mask, scaling, dropout,
-                                       window=window or (-1, -1), bias=bias)
-        else:
-            out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=attention_mask,
-                                   scale=scaling, window=window, bias=bias, backend=backend)
+        out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=attention_mask,
+                               scale=scaling, window=window, bias=bias, dropout_p=dropout_p, backend=backend)
     return out.transpose(1, 2), None
 
 

@@ -24,6 +24,11 @@ rows are padding and never reach a loss.
 ``bias`` (Hq, T, P + S) or None: added to the scaled scores (columns: prefix keys, then sequence keys),
 shared by the batch (T5's relative position bias); it receives no gradient.
 
+Attention dropout (``dropout_p``, ``seed``) drops normalised probabilities with the counter-based mask
+of tunefast/reference/dropout.py: element (b, h, t, j) of the (B, Hq, T, P + S) probabilities (j over
+[prefix | sequence]) is kept iff the Philox draw at offset ((b * Hq + h) * T + t) * (P + S) + j passes
+``keep_threshold(p)``; kept ones are scaled by 1 / (1 - p). The kernel regenerates the same mask.
+
 Everything is computed in float32 (float64 stays float64, for the oracle) and cast back to q's dtype.
 GQA is computed by grouping the query heads (B, Hkv, G, T, D); nothing is repeated per head or per
 batch element: the prefix broadcasts over the batch.
@@ -97,8 +102,20 @@ def _scores(q, k, v, pk, pv, causal, key_padding_mask, scale, window, window_cou
     return qg, kc, vc, pkc, pvc, torch.cat([s_pre, s_seq], dim=-1)
 
 
+def drop_factor(shape, dropout_p: float, seed: int, dtype, device):
+    """(B, Hkv, G, T, P + S) dropout factor (keep / (1 - p), 0 where dropped), or None for p = 0."""
+    if dropout_p == 0.0:
+        return None
+    from . import dropout as rd
+
+    rows = shape[0] * shape[1] * shape[2] * shape[3]  # (b, h = kv * G + g, t) flattened in this order
+    keep = rd.keep_mask(seed, rows, shape[-1], dropout_p, device=device).reshape(shape)
+    return keep.to(dtype) * rd.keep_scale(dropout_p)
+
+
 def forward(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale: float | None = None,
-            window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
+            window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None,
+            dropout_p: float = 0.0, seed: int = 0):
     """Return (o (B, Hq, T, D) in q's dtype, lse (B, Hq, T) float32 (float64 for float64 inputs))."""
     scale = default_scale(q) if scale is None else scale
     b, hq, t_len, d = q.shape
@@ -107,13 +124,16 @@ def forward(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale: float |
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows with no visible key: p = 0
     probs = torch.exp(scores - lse)
+    factor = drop_factor(probs.shape, dropout_p, seed, probs.dtype, probs.device)
+    probs = probs if factor is None else probs * factor
     o = probs[..., :p_len] @ pvc + probs[..., p_len:] @ vc
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return o.reshape(b, hq, t_len, d).to(q.dtype), lse.reshape(b, hq, t_len).to(lse_dtype)
 
 
 def backward(do, q, k, v, pk, pv, o, lse, causal: bool, key_padding_mask=None, scale: float | None = None,
-             window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None):
+             window: tuple[int, int] = (-1, -1), window_counts_prefix: bool = True, bias=None,
+             dropout_p: float = 0.0, seed: int = 0):
     """Return (dq, dk, dv, dpk, dpv), each of its input's shape and dtype; dpk/dpv summed over the batch."""
     scale = default_scale(q) if scale is None else scale
     b, hq, t_len, d = q.shape
@@ -125,9 +145,14 @@ def backward(do, q, k, v, pk, pv, o, lse, causal: bool, key_padding_mask=None, s
     probs = torch.exp(scores - lse.to(ct).reshape(b, hkv, g, t_len, 1))
     dog = do.to(ct).reshape(b, hkv, g, t_len, d)
     delta = (dog * o.to(ct).reshape(b, hkv, g, t_len, d)).sum(-1, keepdim=True)
-    p_pre, p_seq = probs[..., :p_len], probs[..., p_len:]
-    ds_pre = p_pre * (dog @ pvc.transpose(-1, -2) - delta)
-    ds_seq = p_seq * (dog @ vc.transpose(-1, -2) - delta)
+    dp = torch.cat([dog @ pvc.transpose(-1, -2), dog @ vc.transpose(-1, -2)], dim=-1)
+    factor = drop_factor(probs.shape, dropout_p, seed, probs.dtype, probs.device)
+    if factor is not None:  # o = (P * factor) V: dV sees the dropped P, dP passes through the factor
+        dp = dp * factor
+    ds_pre = probs[..., :p_len] * (dp[..., :p_len] - delta)
+    ds_seq = probs[..., p_len:] * (dp[..., p_len:] - delta)
+    dropped = probs if factor is None else probs * factor
+    p_pre, p_seq = dropped[..., :p_len], dropped[..., p_len:]
     dq = (ds_pre @ pkc + ds_seq @ kc) * scale
     # sums over the query heads of a group (dim 2) and, for the prefix, over the batch (dim 0)
     dk = (ds_seq.transpose(-1, -2) @ qg).sum(2) * scale
@@ -152,8 +177,8 @@ def concat_attention(q, k, v, pk, pv, causal: bool, key_padding_mask=None, scale
     """What PEFT computes: the prefix copied into every batch element, K/V repeated per query head,
     explicit mask, softmax in float32 (transformers' eager attention). Differentiable by autograd.
 
-    Used as PyTorch's own low-precision result in tests, by the benchmark as the baseline, and by the
-    patched model for attention dropout (which the kernel does not do).
+    Used as PyTorch's own low-precision result in tests (``dropout_p`` is torch's own dropout, not the
+    kernel's counter-based mask).
     """
     scale = default_scale(q) if scale is None else scale
     b, hq, t_len, _ = q.shape
