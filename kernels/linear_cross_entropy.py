@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import launch
 
-GPU_PART_V = 128  # vocab columns per partial slice on a GPU: the smallest BLOCK_V of the configs
+GPU_PART_V = 128  # vocab columns per partial slice on a GPU: the smallest BLOCK_V of the forward's configs
 
 
 @triton.jit
@@ -156,23 +156,43 @@ def _lce_grad_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _configs(arch, named):
-    # BLOCK_V >= GPU_PART_V always. The (64, 128) fp32 logits tile is 64 registers/thread at 4 warps;
-    # the grad kernel's two (BLOCK, 64) dot results add as much again, hence 8 warps for the larger tiles.
-    shapes = [(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 4)]
-    return [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_H=h), num_warps=w, num_stages=s) for n, v, h, w, s in shapes]
+def _cfg(shapes):
+    return [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_H=h), num_warps=w, num_stages=st) for n, v, h, w, st in shapes]
 
 
-def _smem(c, named):
+# (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages); the first of each list is the fixed config. Sized from the
+# AOT check (triton 3.8, ptxas): with (64, 128, 64) at 4 warps the grad kernel used 255 registers and
+# spilled 1.4 KB on sm_80/89 in bf16 and ~80 KB in fp32 (fp32 dots hold both operands as fp32), so the
+# fixed configs halve the H chunk and double the warps, and fp32 takes 32-row tiles.
+def _fwd_configs(arch, named):
+    if launch.elem_bytes(named["h_ptr"], named["UPCAST"]) == 4:
+        return _cfg([(32, 128, 32, 8, 2), (32, 128, 32, 4, 2)])
+    return _cfg([(64, 128, 64, 4, 3), (64, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)])
+
+
+def _grad_configs(arch, named):
+    if launch.elem_bytes(named["h_ptr"], named["UPCAST"]) == 4:
+        return _cfg([(32, 64, 32, 4, 2), (16, 64, 32, 4, 2)])
+    return _cfg([(64, 128, 32, 8, 2), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2)])
+
+
+def _fwd_smem(c, named):
     kw = c.kwargs
     elem = launch.elem_bytes(named["h_ptr"], named["UPCAST"])
     return launch.pipeline_smem(c, (kw["BLOCK_N"], kw["BLOCK_H"]), (kw["BLOCK_H"], kw["BLOCK_V"]), elem=elem)
 
 
+def _grad_smem(c, named):
+    kw = c.kwargs
+    elem = launch.elem_bytes(named["h_ptr"], named["UPCAST"])
+    tiles = (kw["BLOCK_N"], kw["BLOCK_H"]), (kw["BLOCK_H"], kw["BLOCK_V"])  # logits recompute, then dh / dW
+    return launch.pipeline_smem(c, *tiles, elem=elem) + (kw["BLOCK_N"] + kw["BLOCK_H"]) * kw["BLOCK_V"] * 4
+
+
 _INTERPRET = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
-_FWD = launch.Kernel(_lce_fwd_kernel, configs=_configs, smem=_smem, interpret=dict(_INTERPRET),
+_FWD = launch.Kernel(_lce_fwd_kernel, configs=_fwd_configs, smem=_fwd_smem, interpret=dict(_INTERPRET),
                      restore=("pmax_ptr", "psum_ptr", "pzsum_ptr"))
-_GRAD = launch.Kernel(_lce_grad_kernel, configs=_configs, smem=_smem, interpret=dict(_INTERPRET),
+_GRAD = launch.Kernel(_lce_grad_kernel, configs=_grad_configs, smem=_grad_smem, interpret=dict(_INTERPRET),
                       restore=("dh_ptr", "dw_ptr", "db_ptr"))
 
 
