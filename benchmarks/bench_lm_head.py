@@ -24,6 +24,7 @@ CUDA peaks only).
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -132,9 +133,11 @@ def step_case(name, kind, sizes, layers, dtype, device, checkpointing) -> harnes
             model.train()
             info = {}
             if which == "tunefast":
+                os.environ[lm_head.ENABLE_ENV] = "1"  # opt-in for now (tunefast/patching/lm_head.py)
                 report = tunefast.patch(model)
                 info = {"kernels": report.kernels()}
             elif which == "peft_fused_head":
+                os.environ[lm_head.ENABLE_ENV] = "1"
                 info = {"head": [e.kernel for e in lm_head.apply(model, "auto")]}
             trainable = [p for p in model.parameters() if p.requires_grad]
 

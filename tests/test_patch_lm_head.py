@@ -20,6 +20,11 @@ from tunefast.profiling import SavedTensors
 
 LOSS_RTOL, GRAD_TOL = 1e-5, 1e-4
 
+
+@pytest.fixture(autouse=True)
+def _fused_head_on(monkeypatch):
+    monkeypatch.setenv(lm_head.ENABLE_ENV, "1")  # opt-in for now (see tunefast/patching/lm_head.py)
+
 EXTRA_FAMILIES = {
     "llama_tied": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
         vocab_size=M.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -201,3 +206,9 @@ def test_unpatch_restores_the_forward():
     assert type(lm) is original and lm_head._STATE not in lm.__dict__
     model.train()
     assert model(**M.batch("llama")).logits is not None
+
+
+def test_off_without_the_opt_in(monkeypatch):
+    monkeypatch.delenv(lm_head.ENABLE_ENV)
+    report = tunefast.patch(lora("llama"), backend="reference")
+    assert head_entries(report) == ([], [])
