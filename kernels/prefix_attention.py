@@ -35,17 +35,18 @@ Caution:
   * Head dims are padded to the next power of two (min 16) with masks: D = 80 or 96 costs a 128 tile.
   * A row with no visible key (P = 0 and every sequence key masked) gives o = 0, lse = +inf and zero
     gradients (flash-attention's convention; tunefast/reference/prefix_attention.py agrees).
-  * Autotuning runs only on a GPU; the interpreter uses one small fixed config.
+  * The dropout seed and threshold are never specialised (do_not_specialize): Triton turns an int equal
+    to 1 into a constexpr, which the Philox code cannot widen (found by the AOT compile, not the interpreter).
+  * Launches go through kernels/launch.py: configs per head-dim tile and dtype (_FWD_TILES, _BWD_TILES),
+    the shared-memory rule per arch, autotune on/off; the interpreter uses one small fixed config.
 """
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .dropout import philox_keep
-from .tuning import autotune_enabled
 
 _LOG2E = 1.4426950408889634
 NO_BOUND = 1 << 30  # an unbounded window side: beyond any length, and sums with lengths stay within int32
@@ -126,7 +127,7 @@ def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_sc
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_threshold"])
 def _fwd_kernel(
     # pointers: inputs, key-padding mask (int8, B x S), score bias over prefix / sequence keys, outputs
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, pbias_ptr, sbias_ptr, o_ptr, lse_ptr,
@@ -243,7 +244,7 @@ def _delta_kernel(
     tl.store(delta_ptr + (b * tl.num_programs(1) + h) * T + offs_m, delta, mask=offs_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_threshold"])
 def _dkdv_kernel(
     # pointers: inputs, keys/values of this launch (prefix or sequence), key-padding mask, outputs
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, bias_ptr, dk_ptr, dv_ptr,
@@ -340,7 +341,7 @@ def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, drop,
     return _dot(ds.to(k.dtype), k, dq, UPCAST, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_threshold"])
 def _dq_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, pbias_ptr, sbias_ptr, dq_ptr,
@@ -434,51 +435,70 @@ def _dq_kernel(
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------
 
+def _elem(named) -> int:
+    return launch.elem_bytes(named["q_ptr"], named["UPCAST"])
+
+
+# Tiles per head-dim tile (BLOCK_D) as (BLOCK_M, BLOCK_N, warps, stages); the first fitting one is the
+# fixed config (TUNEFAST_AUTOTUNE=0). Registers, not shared memory, are what spill: the forward holds an
+# fp32 (BLOCK_M, BLOCK_D) accumulator, the dK/dV program two fp32 (BLOCK_N, BLOCK_D) ones plus its K and
+# V tiles (at BLOCK_D = 128, BLOCK_N = 64, 4 warps: 2 x 64 registers per thread of accumulators alone,
+# issue 10's spill), so the backward's fixed tiles shrink with the head dim. Not yet confirmed by the
+# AOT check's ptxas log for every arch (see the report).
+_FWD_TILES = {
+    64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2)],
+    128: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+    256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (16, 32, 4, 2)],
+}
+_BWD_TILES = {
+    64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 64, 4, 2)],
+    128: [(32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2), (16, 32, 4, 2)],
+    256: [(16, 32, 8, 1), (32, 32, 8, 1), (16, 16, 4, 1)],
+}
+
+
+def _tiles(table, named):
+    tiles = table[min(t for t in table if t >= named["BLOCK_D"])]
+    if _elem(named) == 4:  # fp32 operands: twice the bytes per tile, keep the smaller tiles
+        small = sorted(tiles, key=lambda t: t[0] * t[1])[: max(2, len(tiles) // 2)]
+        tiles = [t for t in tiles if t in small]
+    return tiles
+
+
+def _configs(table):
+    def configs(arch, named):
+        return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
+                for m, n, w, st in _tiles(table, named)]
+    return configs
+
+
+def _fwd_smem(c, named):
+    # K and V (BLOCK_D x BLOCK_N each) pipelined, Q resident; the bias / mask tiles are small
+    d, m, n = named["BLOCK_D"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    return launch.pipeline_smem(c, (d, n), (n, d), elem=_elem(named)) + m * d * _elem(named)
+
+
+def _bwd_smem(c, named):
+    # Q and dO (BLOCK_M x BLOCK_D) or K and V pipelined; the other pair resident
+    d, m, n = named["BLOCK_D"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    return launch.pipeline_smem(c, (max(m, n), d), (max(m, n), d), elem=_elem(named)) + 2 * max(m, n) * d * _elem(named)
+
+
 # One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
-_INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32)
-# Autotuning compiles every config for each new (dtype, head-dim tile, causal, mask) combination
-# (~20 compiles, tens of seconds); set False for one fixed config, e.g. in GPU tests.
-AUTOTUNE = True
-_GPU_DEFAULT = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-
-
-def _gpu_configs(kind: str):
-    """Tiles for Ampere/Hopper. Forward: wide query blocks (flash-attention 2's 128 x 64 at D <= 128);
-    backward programs hold two fp32 (BLOCK_N, D) accumulators, so narrower tiles."""
-    if kind == "fwd":
-        tiles = [(128, 64, 3, 8), (128, 64, 2, 4), (128, 32, 3, 4), (64, 64, 3, 4), (64, 32, 4, 4), (32, 32, 2, 4)]
-    else:
-        tiles = [(64, 64, 2, 4), (32, 64, 3, 4), (64, 32, 3, 4), (32, 32, 2, 4), (16, 64, 2, 4)]
-    return [
-        triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_stages=s, num_warps=w)
-        for m, n, s, w in tiles
-    ]
+_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32)
+_FWD = launch.Kernel(_fwd_kernel, configs=_configs(_FWD_TILES), smem=_fwd_smem, interpret=_INTERPRET)
+_DQ = launch.Kernel(_dq_kernel, configs=_configs(_BWD_TILES), smem=_bwd_smem, interpret=_INTERPRET)
+_DKDV = launch.Kernel(_dkdv_kernel, configs=_configs(_BWD_TILES), smem=_bwd_smem, interpret=_INTERPRET)
+_DELTA = launch.Kernel(
+    _delta_kernel, configs=lambda arch, named: [triton.Config(dict(BLOCK_M=64), num_warps=4, num_stages=1)],
+    smem=lambda c, named: 0, interpret=dict(BLOCK_M=64), key=(),
+)
 
 
 def _size_key(causal, *sizes):
     # Autotune key: log2 buckets of T, S, P, D packed in one int (the kernels ignore it), plus causality:
     # a new sequence length does not retune, a 16x longer one does.
     return sum(int(s).bit_length() << (6 * i) for i, s in enumerate(sizes)) * 2 + int(causal)
-
-
-@functools.cache
-def _tuned(kernel_name):
-    kind = "fwd" if kernel_name in ("_fwd_kernel", "_dq_kernel") else "bwd"
-    return triton.autotune(configs=_gpu_configs(kind), key=["size_key"])(globals()[kernel_name])
-
-
-def _launch(kernel_name, grid_fn, args, meta, on_gpu):
-    if on_gpu and AUTOTUNE and autotune_enabled():
-        _tuned(kernel_name)[grid_fn](*args, **meta)
-    elif on_gpu:
-        globals()[kernel_name][grid_fn(_GPU_DEFAULT)](*args, **meta, **_GPU_DEFAULT)
-    else:
-        globals()[kernel_name][grid_fn(_INTERPRET_META)](*args, **meta, **_INTERPRET_META)
-
-
-def _precision(t: torch.Tensor) -> str:
-    # Applies to fp32 dots only (Triton ignores it for fp16/bf16): mirror torch's matmul setting.
-    return "tf32" if (t.is_cuda and torch.get_float32_matmul_precision() != "highest") else "ieee"
 
 
 def _block_d(head_dim: int) -> int:
@@ -528,7 +548,6 @@ def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, ls
     """
     B, HQ, T, D = q.shape
     S, P = k.shape[2], pk.shape[1]
-    on_gpu = q.is_cuda
     m, smb, sms = _mask_args(mask, out)
     wl, wr, local, prefix_local = _window_args(causal, window, window_counts_prefix)
     pb, sb, bias_strides = _bias_args(bias, P, out)
@@ -540,9 +559,8 @@ def attention_forward(q, k, v, pk, pv, mask, causal: bool, scale: float, out, ls
     )
     meta = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
                 DROPOUT=dropout[1] > 0,
-                UPCAST=not on_gpu and q.dtype != torch.float32, PRECISION=_precision(q), BLOCK_D=_block_d(D))
-    grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
-    _launch("_fwd_kernel", grid, args, meta, on_gpu)
+                UPCAST=launch.upcast(q, q), PRECISION=launch.precision(q), BLOCK_D=_block_d(D))
+    _FWD.launch(lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B), args, meta, like=q)
 
 
 def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: float, dq, dk, dv,
@@ -552,19 +570,17 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
     the batch in a fixed order (deterministic)."""
     B, HQ, T, D = q.shape
     HKV, S, P = k.shape[1], k.shape[2], pk.shape[1]
-    on_gpu = q.is_cuda
-    upcast = not on_gpu and q.dtype != torch.float32
+    upcast = launch.upcast(q, q)
     block_d = _block_d(D)
     delta = torch.empty((B, HQ, T), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(T, 64), HQ, B)](
-        o, do, delta, T, D, *o.stride(), *do.stride(), BLOCK_M=64, BLOCK_D=block_d,
-    )
+    _DELTA.launch(lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B),
+                  (o, do, delta, T, D, *o.stride(), *do.stride()), dict(BLOCK_D=block_d), like=q)
     m, smb, sms = _mask_args(mask, dq)
     wl, wr, local, prefix_local = _window_args(causal, window, window_counts_prefix)
     pb, sb, bias_strides = _bias_args(bias, P, dq)
     common = dict(LOCAL=local, PREFIX_LOCAL=prefix_local, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
                   DROPOUT=dropout[1] > 0, UPCAST=upcast,
-                  PRECISION=_precision(q), BLOCK_D=block_d)
+                  PRECISION=launch.precision(q), BLOCK_D=block_d)
     key = _size_key(local, T, S, P, D)
 
     def dkdv(keys, values, n_keys, dk_out, dv_out, prefix, bias_part):
@@ -579,8 +595,8 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
             *dk_out.stride(), *dv_out.stride(),
             scale, scale * _LOG2E, wl, wr, *_dropout_args(dropout), key,
         )
-        grid = lambda mt: (triton.cdiv(n_keys, mt["BLOCK_N"]), HKV, B)  # noqa: E731
-        _launch("_dkdv_kernel", grid, args, dict(PREFIX=prefix, **common), on_gpu)
+        _DKDV.launch(lambda mt: (triton.cdiv(n_keys, mt["BLOCK_N"]), HKV, B), args, dict(PREFIX=prefix, **common),
+                     like=q)
 
     dpk = torch.zeros((HKV, P, D), device=q.device, dtype=torch.float32)
     dpv = torch.zeros_like(dpk)
@@ -600,6 +616,20 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
         *dq.stride(),
         scale, scale * _LOG2E, wl, wr, *_dropout_args(dropout), key,
     )
-    grid = lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B)  # noqa: E731
-    _launch("_dq_kernel", grid, args, common, on_gpu)
+    _DQ.launch(lambda mt: (triton.cdiv(T, mt["BLOCK_M"]), HQ, B), args, common, like=q)
     return dpk, dpv
+
+
+@launch.aot_examples
+def _examples():
+    """Every dtype x head-dim class, causal with a prefix, and bidirectional + window + bias + dropout."""
+    for dtype, _ in launch.DTYPES[:3]:
+        for d in launch.HEAD_DIMS:
+            q = torch.empty(2, 8, 300, d, dtype=dtype)
+            k, pk = torch.empty(2, 2, 300, d, dtype=dtype), torch.empty(2, 16, d, dtype=dtype)
+            mask, bias = torch.ones(2, 300, dtype=torch.bool), torch.empty(8, 300, 316)
+            out, lse = torch.empty_like(q), torch.empty(2, 8, 300)
+            for extra in (dict(), dict(window=(63, 0), bias=bias, dropout=(1, 1 << 30, 1.5))):
+                causal = not extra
+                attention_forward(q, k, k, pk, pk, mask, causal, 0.1, out, lse, **extra)
+                attention_backward(q, q, k, k, pk, pk, out, lse, mask, causal, 0.1, out, k, k, **extra)
