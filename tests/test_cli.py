@@ -19,7 +19,7 @@ def test_info_reports_backends_and_reasons():
 
 
 def test_demo_llama_runs_and_curves_agree():
-    out = _run("demo", "--model", "llama", "--steps", "4", "--batch", "4")
+    out = _run("demo", "--model", "llama", "--steps", "4", "--batch", "4", "--dropout", "0")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "loss curves: max |diff|" in out.stdout
     diff = float(out.stdout.split("max |diff| = ")[1].split()[0])
@@ -27,7 +27,23 @@ def test_demo_llama_runs_and_curves_agree():
     assert "activation bytes kept for backward" in out.stdout
 
 
-@pytest.mark.parametrize("args,msg", [(["demo", "--steps", "0"], "--steps"), (["demo", "--model", "gpt9"], "invalid choice")])
+def test_demo_default_dropout_shows_the_memory_saving_and_exactness():
+    """The default run uses lora_dropout=0.1 (what PEFT users set): fewer bytes kept, and the same numbers
+    as PEFT once dropout is off."""
+    out = _run("demo", "--model", "llama", "--steps", "2", "--batch", "2", "--backend", "reference")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lora_dropout=0.1" in out.stdout
+    ratio = float(out.stdout.split("activation bytes kept for backward:")[1].split("->")[1].split("x")[0])
+    assert ratio < 0.9
+    exact = float(out.stdout.split("one step's loss differs from PEFT's by ")[1].split()[0])
+    assert exact < 1e-5
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["demo", "--steps", "0"], "--steps"), (["demo", "--model", "gpt9"], "invalid choice"),
+    (["demo", "--backend", "banana"], "invalid choice"), (["demo", "--lr", "nan"], "--lr"),
+    (["demo", "--lr", "-1"], "--lr"), (["demo", "--steps", "x"], "invalid int value"),
+])
 def test_demo_bad_arguments(args, msg):
     out = _run(*args)
-    assert out.returncode != 0 and msg in out.stderr
+    assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr, out.stderr[-1000:]

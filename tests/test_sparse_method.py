@@ -92,7 +92,7 @@ def _dense_equivalent(original, model, names=None):
         (dict(gradient_chunk_layers=0), ValueError, "gradient_chunk_layers"),
         (dict(selection={"q": [3, 1]}), ValueError, "not sorted"),
         (dict(selection={"q": [1, 1]}), ValueError, "duplicated"),
-        (dict(selection={"q": [-2]}), ValueError, "out of range"),
+        (dict(selection={"q": [-2]}), ValueError, "must be non-negative"),
         (dict(selection={"q": [0.5]}), TypeError, "integers"),
         (dict(selection={}), ValueError, "empty mapping"),
         (dict(selection={"q": [1]}, target_modules=["k"]), ValueError, "mapping's keys"),

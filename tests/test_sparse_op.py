@@ -246,7 +246,7 @@ def test_trainable_weight_is_refused():
         ([1, 3, 3], "duplicated"),
         ([4, 1, 4], "duplicated"),
         ([0, 64], "out of range"),
-        ([-1, 2], "out of range"),
+        ([-1, 2], "must be non-negative"),
         (torch.tensor([0.0, 1.0]), "must hold integers"),
         (torch.tensor([[0, 1]]), "must be 1-D"),
     ],

@@ -57,7 +57,18 @@ def check_linear_args(x, weight, bias, backend, trains: str) -> tuple[int, int]:
     return n_out, n_in
 
 
+def check_adapter_lists(**seqs) -> None:
+    """Per-adapter arguments must be sequences (one entry per adapter): a bare tensor would be taken
+    row by row as adapters, and a count error would name the wrong thing."""
+    for name, seq in seqs.items():
+        if isinstance(seq, (torch.Tensor, str)) or not hasattr(seq, "__len__"):
+            raise TypeError(f"{name} must be a list with one entry per adapter, got {type(seq).__name__}"
+                            + (f" of shape {tuple(seq.shape)}" if isinstance(seq, torch.Tensor) else "")
+                            + (f" (wrap a single adapter as [{name}])" if isinstance(seq, torch.Tensor) else ""))
+
+
 def check_lora_args(x, weight, bias, lora_a, lora_b, scalings, dropout_p, backend) -> None:
+    check_adapter_lists(lora_a=lora_a, lora_b=lora_b, scalings=scalings, dropout_p=dropout_p)
     n_out, n_in = check_linear_args(x, weight, bias, backend, "the adapters")
     n = len(lora_a)
     if n == 0:

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import backend as _backend
 from ..reference import dropout as rd
 from ..reference import lora as ref
+from ._common import rows_to_shape
 from ._checks import check_dora_args, check_lora_args
 
 _SEED_HIGH = 2**62  # seeds are non-negative int64 (see reference/dropout.py)
@@ -38,7 +39,7 @@ def _fwd_impl(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_s
         y2d, xas = _triton_forward(*args)
     else:
         y2d, xas = ref.forward(*args)
-    return y2d.view(*x.shape[:-1], weight.shape[0]), xas
+    return rows_to_shape(y2d, x.shape[:-1]), xas
 
 
 @torch.library.custom_op("tunefast::lora_linear_fwd", mutates_args=())

@@ -25,6 +25,7 @@ from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import quant as rq
 from ..reference.quant import QuantWeight
+from ._common import rows_to_shape
 from ._checks import check_lora_args, check_same_device
 from .lora import _SEED_HIGH, _triton_backward, _triton_forward, _x2d
 
@@ -102,7 +103,7 @@ def _qlora_linear_fwd(
         y2d, xas = _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
     else:
         y2d, xas = ref.forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
-    return y2d.view(*x.shape[:-1], shape[0]), xas
+    return rows_to_shape(y2d, x.shape[:-1]), xas
 
 
 @_qlora_linear_fwd.register_fake

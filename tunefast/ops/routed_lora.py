@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import backend as _backend
 from ..reference import dropout as rd
 from ..reference import routed_lora as ref
+from ._common import rows_to_shape
 from ._checks import check_lora_args
 
 _SEED_HIGH = 2**62
@@ -31,7 +32,7 @@ def _routed_fwd(
     x2d = x.reshape(-1, x.shape[-1])
     impl = _triton_forward if _backend.resolve(backend, x.device) == "triton" else ref.forward
     y2d, xa_sorted = impl(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, adapter_ids)
-    return y2d.view(*x.shape[:-1], weight.shape[0]), xa_sorted
+    return rows_to_shape(y2d, x.shape[:-1]), xa_sorted
 
 
 @_routed_fwd.register_fake

@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import _native
 from .. import backend as _backend
 from ..reference import sparse as ref
+from ._common import rows_to_shape
 from ._checks import check_linear_args, check_same_device, check_tensor
 
 _INT32_MAX = 2**31 - 1
@@ -52,10 +53,10 @@ class SparseStructure(NamedTuple):
         return self.row_ptr.numel() - 1, self.col_ptr.numel() - 1
 
 
-def check_indices(indices, shape: tuple[int, int], name: str = "indices") -> Tensor:
-    """``indices`` as an int64 (nnz,) tensor after checking it: integer, 1-D, within the (N, K) weight,
-    unique and sorted. Raises ValueError / TypeError naming the first offending entry."""
-    n, k = (int(s) for s in shape)
+def check_indices(indices, shape: tuple[int, int] | None, name: str = "indices") -> Tensor:
+    """``indices`` as an int64 (nnz,) tensor after checking it: integer, 1-D, within the (N, K) weight
+    (only non-negative when ``shape`` is None: the weight is not known yet), unique and sorted. Raises
+    ValueError / TypeError naming the first offending entry."""
     if not isinstance(indices, Tensor):
         try:
             indices = torch.as_tensor(indices)  # no dtype: 0.5 must not truncate silently to 0
@@ -70,17 +71,24 @@ def check_indices(indices, shape: tuple[int, int], name: str = "indices") -> Ten
     idx = indices.to(torch.int64).contiguous()
     if idx.numel() == 0:
         return idx
-    size = n * k
-    bad = ((idx < 0) | (idx >= size)).nonzero()
-    if bad.numel():
-        i = int(bad[0])
-        raise ValueError(f"{name} out of range: entry {i} is {int(idx[i])}, but a ({n}, {k}) weight has flat "
-                         f"positions 0 .. {size - 1}")
+    negative = (idx < 0).nonzero()
+    if negative.numel():
+        i = int(negative[0])
+        raise ValueError(f"{name} must be non-negative flat positions r * in_features + c: entry {i} is {int(idx[i])}")
+    if shape is not None:
+        n, k = (int(s) for s in shape)
+        size = n * k
+        bad = (idx >= size).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"{name} out of range: entry {i} is {int(idx[i])}, but a ({n}, {k}) weight has flat "
+                             f"positions 0 .. {size - 1}")
     if torch.unique(idx).numel() != idx.numel():
         sorted_idx = idx.sort().values
         dup = int(sorted_idx[1:][sorted_idx[1:] == sorted_idx[:-1]][0])
-        raise ValueError(f"{name} are duplicated: position {dup} (row {dup // k}, column {dup % k}) appears more than "
-                         "once; each trained entry must be listed once")
+        where = f" (row {dup // int(shape[1])}, column {dup % int(shape[1])})" if shape is not None else ""
+        raise ValueError(f"{name} are duplicated: position {dup}{where} appears more than once; each trained entry "
+                         "must be listed once")
     step = idx[1:] - idx[:-1]
     down = (step < 0).nonzero()
     if down.numel():
@@ -144,7 +152,7 @@ def _sparse_linear_fwd(
 ) -> Tensor:
     structs = _structs(indices, row_ptrs, col_ptrs, t_rows, t_perms)
     y2d = _forward(implementation(backend, x.device), _x2d(x), weight, bias, values, structs)
-    return y2d.view(*x.shape[:-1], weight.shape[0])
+    return rows_to_shape(y2d, x.shape[:-1])
 
 
 @_sparse_linear_fwd.register_fake

@@ -167,9 +167,14 @@ def _fused_call(self, x):
     if dora and (ps[0] > 0.0 or self.lora_bias.get(dora[0])):
         return None
     magnitude = self.lora_magnitude_vector[dora[0]].weight if dora else None
+    autocast = torch.is_autocast_enabled(x.device.type)
     for a, s in zip(active, scalings):  # PEFT lora_bias: s * b_B joins the base bias (one epilogue add)
         b_bias = self.lora_B[a].bias
         if b_bias is not None:
+            if b_bias.dtype != weight.dtype and not autocast:
+                # PEFT adds b_B to the adapter-dtype term and rounds once to the base dtype; folded into a
+                # base-dtype bias it would be rounded twice (and an fp32 bias cannot join an fp16 GEMM)
+                return None
             bias = b_bias * s if bias is None else bias + b_bias * s
     cast = _cast(x, weight, bias, [*a_w, *b_w, *([magnitude] if dora else [])])
     if cast is None:

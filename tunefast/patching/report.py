@@ -31,6 +31,7 @@ RUNTIME_FALLBACKS = (
     "a trainable base weight, or an input dtype PEFT itself would cast (x dtype != base weight dtype)",
     "hooks registered on the layer's lora_A / lora_B / lora_dropout modules (or global module hooks), so they fire",
     "meta-device tensors (shape-only runs)",
+    "lora_bias adapters whose dtype differs from the base weight's (e.g. fp32 adapters on an fp16 base)",
 )
 
 

@@ -231,9 +231,29 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modu
     weight's dtype.
     """
     names = _select_names(model, names)
-    for layer in sparse_layers(model).values():
+    layers = sparse_layers(model)
+    _refuse_tied(model, {n: layer for n, layer in layers.items()
+                         if any(d in layer.deltas and not layer.deltas[d].merged for d in names)})
+    for layer in layers.values():
         _merge_layer(layer, names)
     return model
+
+
+def _refuse_tied(model: nn.Module, layers: dict[str, SparseLinear]) -> None:
+    """Raise, before anything changes, if a weight to be merged is shared with another module (a tied LM
+    head and input embedding): writing the delta into it would change both."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for layer_name, layer in layers.items():
+        for tensor, what in ((layer.base_layer.weight, "weight"), (layer.base_layer.bias, "bias")):
+            shared = names_of.get(id(tensor), []) if tensor is not None else []
+            if len(shared) > 1:
+                raise ValueError(
+                    f"cannot merge into {layer_name}: its {what} is tied to {', '.join(shared)} (e.g. an LM head "
+                    "tied to the input embedding); merging would change every module that shares it. Nothing was "
+                    "merged. Keep the delta unmerged, or untie the weights first (e.g. config.tie_word_embeddings=False)"
+                )
 
 
 @torch.no_grad()
