@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import os
 import random
 import threading
 
@@ -31,7 +32,10 @@ from tests import models as M
 from tests.tolerances import FP32_RTOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, max_err
 
 # tunefast/patching/lm_head.py (the fused LM-head loss): the two KNOWN entries about it need it
-_HAS_FUSED_LM_HEAD = importlib.util.find_spec("tunefast.patching.lm_head") is not None
+# It is opt-in (TUNEFAST_FUSED_LM_HEAD=1) until those divergences are fixed: without the opt-in, patch() leaves
+# heads alone and the entries about it do not apply.
+_HAS_FUSED_LM_HEAD = (importlib.util.find_spec("tunefast.patching.lm_head") is not None
+                      and os.environ.get("TUNEFAST_FUSED_LM_HEAD", "0") == "1")
 ADAPTER_POOL = ("second", "third")  # names add_adapter may create
 # Known divergence lm_head_logits_none (see KNOWN): while it stands, the walks compare loss and
 # gradients of training forwards whose patched logits are None; set False when it is resolved.
@@ -758,9 +762,11 @@ def _unloaded_training_logits():
     _close(got.detach(), want.detach(), "unloaded training logits", "patch -> merge_and_unload -> train forward")
 
 
-def _generate_after_walk():
-    """Found by a walk (not reduced yet: each of its steps alone matches PEFT): generate()'s first cached
-    step scores differ by 0.31 from PEFT's on GPT-2 with two adapters."""
+def test_generate_after_walk_matches_peft():
+    """Found by a walk (GPT-2, two adapters: patch, train/eval, generate, save/load, adapter_names batch, dtype
+    moves, checkpointing, a lora_B hook x0.5, a trainable base weight, generate): generate()'s first cached step
+    scored 0.31 away from PEFT's while hooks on lora_B did not fire on patched layers (issue 11 item 9) and the
+    LM-head fusion was on by default. Kept as a regression test."""
     import zlib
 
     walk(make_twin("gpt2_two_adapters"), zlib.crc32(b"gpt2two") + 40, 16)
@@ -780,16 +786,12 @@ KNOWN = {
         "merge_and_unload()/unload() of a patched model returns a model whose causal LM class is still "
         "tunefast's (lm_head.py swap): training forwards return logits=None, and tunefast.unpatch of the "
         "PeftModel no longer reaches it"),
-    "generate_cached_step_after_walk": (
-        _generate_after_walk,
-        "generate() step-1 scores differ by 0.31 after patch, train_eval, generate, save_load, adapter_names batch, "
-        "dtype moves, checkpointing, a lora_B hook x0.5, a trainable base weight (GPT-2, two adapters)"),
 }
 
 
 _NEEDS_LM_HEAD = {"fp64_fused_loss", "lm_head_logits_none", "merge_and_unload_keeps_fused_loss"}
-_NO_LM_HEAD = pytest.mark.skipif(not _HAS_FUSED_LM_HEAD, reason="tunefast/patching/lm_head.py (fused LM-head loss) "
-                                 "is not in this tree")
+_NO_LM_HEAD = pytest.mark.skipif(not _HAS_FUSED_LM_HEAD, reason="the fused LM-head loss is opt-in "
+                                 "(TUNEFAST_FUSED_LM_HEAD=1) and off in this run")
 
 
 @pytest.mark.parametrize("name", [pytest.param(k, marks=[pytest.mark.xfail(strict=True, reason=why)]
