@@ -18,8 +18,11 @@ from .ops.routed_lora import routed_lora_linear
 from .patching import get_report, patch, unpatch
 from .patching.report import PatchedEntry, PatchReport, SkippedEntry
 from .routing import route
+from .methods import adapters  # bottleneck / parallel adapters: tunefast.adapters.AdapterConfig / apply / ...
 from .methods import side  # memory-saving side tuning: tunefast.side.SideConfig / apply / save / load
 from .methods import sparse  # sparse fine-tuning: tunefast.sparse.SparseConfig / apply / save / load / merge
+from .ops.adapter import adapter
+from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.sparse import sparse_linear
 
 __version__ = "0.1.0"
@@ -29,8 +32,11 @@ __all__ = [
     "BackendUnavailableError",
     "PatchReport",
     "PatchedEntry",
+    "adapter",
+    "adapters",
     "SkippedEntry",
     "get_report",
+    "linear_cross_entropy",
     "lora_linear",
     "patch",
     "prefix_attention",
