@@ -38,7 +38,7 @@ info: setup
 	$(BIN)/tunefast info
 
 test: setup
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -m "not slow"
 
 bench: setup
 	$(BIN)/python -m pytest benchmarks -q --benchmark-enable -p no:cacheprovider
