@@ -1,0 +1,69 @@
+"""The method protocol: the one shape every tunefast method module has.
+
+A *method* is a module (``tunefast.adapters``, ``tunefast.sparse``, ``tunefast.side``,
+``tunefast.prompt``, and ``tunefast.methods.patched``: ``tunefast.patch`` / ``unpatch`` on PEFT's own
+LoRA-family and prompt layers, in this shape) exposing::
+
+    Config                                   a dataclass: everything apply() needs, saved by save()
+    apply(model, config, *, backend="auto")  -> model to use from now on
+    remove(model)                            -> the model apply() was given, as it was before apply()
+    save(model, path)                        -> Path of the folder written (only the method's own weights)
+    load(model, path, *, backend="auto")     -> apply(model, saved config) with the saved weights loaded
+    trainable_parameters(model)              -> list of the parameters the optimizer should get
+    report(model)                            -> PatchReport: every touched module, kernel or skip reason
+
+The in-place rule: **always use the returned model**. Methods that only swap or wrap submodules
+(adapters, sparse, prompt, patched) change ``model`` in place and return the same object; a method that
+puts a new network around the model (side) returns the wrapper, and ``remove`` on the wrapper returns
+the untouched original. Code written as ``model = m.apply(model, cfg)`` ... ``model = m.remove(model)``
+works for every method.
+
+``backend`` is one of :data:`tunefast.backend.BACKENDS`; a method passes it to its ops and never
+overrides a backend the user set elsewhere. ``load`` takes a fresh base model (the one ``apply``
+was first given, freshly constructed) and refuses, changing nothing, a checkpoint that does not fit it.
+
+``check(method)`` verifies a module against this list; tests/test_protocol.py runs every method in
+:data:`tunefast.methods.METHODS` through apply -> forward -> save -> load into a fresh model -> remove.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import ModuleType
+
+# name -> positional parameters it must accept, in order (keyword-only ``backend`` checked separately)
+REQUIRED = {
+    "apply": ("model", "config"),
+    "remove": ("model",),
+    "save": ("model", "path"),
+    "load": ("model", "path"),
+    "trainable_parameters": ("model",),
+    "report": ("model",),
+}
+TAKES_BACKEND = ("apply", "load")
+
+
+def check(method: ModuleType) -> None:
+    """Raise TypeError naming every way ``method`` departs from the protocol (nothing if it conforms)."""
+    problems = []
+    if not isinstance(getattr(method, "Config", None), type):
+        problems.append("no Config class")
+    for name, params in REQUIRED.items():
+        fn = getattr(method, name, None)
+        if not callable(fn):
+            problems.append(f"no function {name}()")
+            continue
+        sig = inspect.signature(fn)
+        positional = [p.name for p in sig.parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if tuple(positional[: len(params)]) != params:
+            problems.append(f"{name}{sig}: expected its first parameters to be {params}")
+        required_extra = [p.name for p in list(sig.parameters.values())[len(params):]
+                          if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if required_extra:
+            problems.append(f"{name}{sig}: parameters {required_extra} must have defaults")
+        if name in TAKES_BACKEND and "backend" not in sig.parameters:
+            problems.append(f"{name}{sig}: no backend= parameter")
+    if problems:
+        raise TypeError(f"{method.__name__} does not follow tunefast's method protocol "
+                        f"(tunefast/methods/protocol.py): " + "; ".join(problems))
