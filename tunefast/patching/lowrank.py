@@ -1,32 +1,36 @@
-"""PEFT's other low-rank and diagonal layers -> the fused LoRA op, found by module type.
+"""PEFT's other low-rank and diagonal layers -> tunefast's fused ops, found by module type.
 
-Each method below is an instance of ``tunefast.ops.lora.lora_linear`` (y = x W^T + b + sum_i s_i *
-(drop_i(x) A_i^T) B_i^T, optional column scale g), reached by folding its extra vectors into A or B
+AdaLoRA and VeRA are instances of ``tunefast.ops.lora.lora_linear`` (y = x W^T + b + sum_i s_i *
+(drop_i(x) A_i^T) B_i^T, optional column scale g), reached by folding their extra vectors into A or B
 with a cheap (r, K) / (N, r) autograd product; gradients of the folded vectors come from autograd:
 
   AdaLoRA SVDLinear   s/(ranknum+1e-5) * (x (A*E)^T) B^T    A' = A * (E * s/(ranknum+1e-5)), s' = 1
   VeRA Linear         b * ((x A_s^T) * d) B_s^T             A' = d * A_s, B' = b * B_s, s' = 1
                       (A_s, B_s: the model's shared frozen projections, sliced to this layer)
-  (IA)3 Linear (k/v)  (x W^T + b) * l                       g = l, bias b * l, a rank-0 adapter
-  LoRA Embedding      E[ids] + s * A^T[ids] B^T             a gather (no down-projection), one addmm
+  (IA)3 Linear (k/v)  (x W^T + b) * l                       lora_linear's column scale g = l, bias b * l
+  (IA)3 Linear (ff)   (x * l) W^T + b                       tunefast.ops.scaled_linear (keeps x only)
+  LoRA Embedding      E[ids] + s * A^T[ids] B^T             tunefast.ops.lora_embedding (keeps ids only)
 
 AdaLoRA's ``update_and_allocate`` masks E in place between steps: E is read at every call, so the
-fused path follows the rank allocation. Anything not reproduced exactly (feed-forward (IA)3, DoRA or
-TP embeddings, other base layer types, custom dropouts) is a Skip with a reason and runs PEFT's forward.
+fused path follows the rank allocation. Anything not reproduced exactly (DoRA or TP embeddings, other
+base layer types, custom dropouts, sparse embedding gradients) is a Skip with a reason and runs PEFT's
+forward.
 
-Caution: the (IA)3 path takes l's gradient from the op's column-scale rule dL/dg = sum_t dy (y - b') / g
-(ops/lora.py), which is NaN where an entry of l is exactly 0 (PEFT gives a finite gradient there).
+Caution: the k/v (IA)3 path takes l's gradient from the op's column-scale rule dL/dg = sum_t dy (y - b') / g
+(ops/lora.py), which is NaN where an entry of l is exactly 0 (PEFT gives a finite gradient there); the
+feed-forward path has no division.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import backend as _backend
 from ..ops._checks import SUPPORTED_DTYPES
 from ..ops.lora import lora_linear
-from .lora import _base, _cast, _dropout_p, _transposed_storage
+from ..ops.lora_embedding import lora_embedding
+from ..ops.scaled_linear import scaled_linear
+from .lora import _base, _cast, _dropout_p, _hooked, _transposed_storage
 from .registry import Patch, Skip, register
 
 ADALORA_EPS = 1e-5  # PEFT's SVDLinear divides by (ranknum + 1e-5)
@@ -182,20 +186,34 @@ def decide_ia3(module, backend):
     skip = _base_skip(module)
     if skip is not None:
         return skip
-    if module.is_feedforward:
-        return Skip("(IA)3 on a feed-forward layer scales the input features; the fused op has no "
-                    "per-feature input scale yet, PEFT's forward runs")
     wdt = module.get_base_layer().weight.dtype
-    other = sorted({str(p.dtype) for p in module.ia3_l.values() if p.dtype != wdt})
-    if other:
-        return Skip(f"(IA)3 vector dtype {', '.join(other)} differs from the base weight's {wdt}: PEFT's "
-                    "promotions run as PEFT writes them")
-    kernel = _kernel("lora_linear", module, backend)
+    dtypes = {p.dtype for p in module.ia3_l.values()}
+    if module.is_feedforward:
+        # PEFT casts x to l's dtype, scales, casts back: the op follows that rule for any float l
+        if len(dtypes) > 1 or not dtypes <= set(SUPPORTED_DTYPES):
+            return Skip(f"(IA)3 vector dtypes {sorted(map(str, dtypes))}: the fused op takes one float32 / "
+                        "float16 / bfloat16 dtype for all adapters; PEFT's forward runs")
+        kernel = "scaled_linear[reference]"  # no Triton kernel: the base GEMM plus O(M K) products
+    else:
+        other = sorted({str(d) for d in dtypes if d != wdt})
+        if other:
+            return Skip(f"(IA)3 vector dtype {', '.join(other)} differs from the base weight's {wdt}: PEFT's "
+                        "promotions run as PEFT writes them")
+        kernel = _kernel("lora_linear", module, backend)
     skip = _state_skip(module, kernel)
     if skip is not None:
         return skip
     active = [a for a in module.active_adapters if a in module.ia3_l]
-    return Patch(kernel, f"(IA)3 output scale as the column scale ({', '.join(active)})")
+    what = "input scale (feed-forward), x kept once" if module.is_feedforward else "output scale as the column scale"
+    return Patch(kernel, f"(IA)3 {what} ({', '.join(active)})")
+
+
+def _ia3_scale(self, active):
+    """The product of the active adapters' l vectors, flattened: PEFT's ``ia3_scaling``."""
+    scale = self.ia3_l[active[0]].flatten()
+    for a in active[1:]:
+        scale = scale * self.ia3_l[a].flatten()
+    return scale
 
 
 def _ia3_fused(self, x):
@@ -204,12 +222,15 @@ def _ia3_fused(self, x):
     if not active or base is None:
         return None
     weight, bias = base
-    scale = self.ia3_l[active[0]].flatten()
-    for a in active[1:]:
-        scale = scale * self.ia3_l[a].flatten()
-    if x.dtype != weight.dtype or scale.dtype != weight.dtype or x.dtype not in SUPPORTED_DTYPES:
-        return None  # PEFT's promotions between l's and the base's dtypes run as PEFT writes them
-    if torch.is_autocast_enabled(x.device.type):
+    if x.dtype != weight.dtype or x.dtype not in SUPPORTED_DTYPES or torch.is_autocast_enabled(x.device.type):
+        return None  # PEFT's promotions (and autocast's casts) run as PEFT writes them
+    if self.is_feedforward:
+        if len({self.ia3_l[a].dtype for a in active}) > 1 or (bias is not None and bias.dtype != x.dtype):
+            return None
+        # ((x * l) W^T + b): x * l in l's dtype, rounded to x's, as PEFT; backward keeps x once
+        return scaled_linear(x, weight, bias, _ia3_scale(self, active), backend=self._tunefast_backend)
+    scale = _ia3_scale(self, active)
+    if scale.dtype != weight.dtype:
         return None
     # (x W^T + b) * l = l * (x W^T) + b * l: the op's column scale, with the bias pre-scaled.
     n, k = weight.shape
@@ -221,7 +242,7 @@ def _ia3_fused(self, x):
 
 
 def forward_ia3(self, x, *args, **kwargs):
-    """Forward of a patched ``peft.tuners.ia3.Linear`` (k/v-type layers: output scale)."""
+    """Forward of a patched ``peft.tuners.ia3.Linear``: output scale (k/v) or input scale (feed-forward)."""
     return _dispatch(self, x, args, kwargs, _ia3_fused)
 
 
@@ -236,6 +257,8 @@ def decide_embedding(module, backend):
         return Skip(f"LoRA Embedding on a {type(base).__name__} base is not accelerated yet")
     if base.max_norm is not None:
         return Skip("embedding with max_norm renormalises A^T rows in place inside PEFT's forward; PEFT's forward runs")
+    if base.sparse:
+        return Skip("sparse embedding: PEFT gives A a sparse gradient; the fused op's is dense. PEFT's forward runs")
     if module.lora_variant:
         return Skip(f"LoRA Embedding variant(s) {sorted(type(v).__name__ for v in module.lora_variant.values())} "
                     "not accelerated yet")
@@ -243,31 +266,38 @@ def decide_embedding(module, backend):
         return Skip("tensor-parallel LoRA Embedding is not accelerated yet")
     if base.weight.requires_grad:
         return Skip("base embedding is trainable; PEFT's forward runs")
+    if base.weight.dtype not in SUPPORTED_DTYPES:
+        return Skip(f"base embedding dtype {base.weight.dtype} (fused kernels take float32, float16, bfloat16)")
     if module._get_embed_scale() is not None:
         return Skip("scaled word embedding (embed_scale): not accelerated yet, PEFT's forward runs")
-    kernel = "lora_embedding[reference]"  # a gather and one addmm: no Triton kernel for this one yet
+    kernel = _kernel("lora_embedding", module, backend)
     skip = _state_skip(module, kernel)
     if skip is not None:
         return skip
     active = [a for a in module.active_adapters if a in module.lora_embedding_A]
-    return Patch(kernel, ", ".join(f"{a}: r={module.r[a]}" for a in active) + "; gather of A^T rows + one addmm")
+    return Patch(kernel, ", ".join(f"{a}: r={module.r[a]}" for a in active) +
+                 "; gather of A^T rows + one up-projection, ids kept for backward")
 
 
 def _embedding_fused(self, x):
     active = [a for a in self.active_adapters if a in self.lora_embedding_A]
-    if not active:
+    base = self.get_base_layer()
+    if not active or base is not self.base_layer or _hooked(base) or base.weight.requires_grad:
+        return None  # wrappers or hooks on the base embedding: PEFT calls it, so PEFT's forward runs
+    if x.dtype not in (torch.int64, torch.int32) or torch.is_autocast_enabled(base.weight.device.type):
         return None
-    result = self.base_layer(x)
-    n = result.shape[-1]
-    for a in active:
-        emb_a, emb_b = self.lora_embedding_A[a], self.lora_embedding_B[a]
-        if emb_a.dtype != result.dtype or emb_b.dtype != result.dtype:
-            return None
-        after_a = self._embed(x, emb_a.t())  # (*, r): PEFT's own gather (padding_idx, sparse, ... as the base)
-        # one pass over the (M, N) output instead of PEFT's matmul, scale and add
-        result = torch.addmm(result.reshape(-1, n), after_a.reshape(-1, after_a.shape[-1]), emb_b.t(),
-                             alpha=float(self.scaling[a])).view(result.shape)
-    return result
+    weight = base.weight
+    if any(t.dtype != weight.dtype for a in active for t in (self.lora_embedding_A[a], self.lora_embedding_B[a])):
+        return None  # PEFT's promotions between the adapter's and the table's dtypes run as PEFT writes them
+    opts = dict(padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq,
+                backend=self._tunefast_backend)
+    first, *rest = active
+    out = lora_embedding(x, weight, self.lora_embedding_A[first], self.lora_embedding_B[first],
+                         float(self.scaling[first]), **opts)
+    for a in rest:  # several active adapters (rare): the others as PEFT computes them, through autograd
+        after_a = self._embed(x, self.lora_embedding_A[a].t())
+        out = out + (after_a @ self.lora_embedding_B[a].t()) * self.scaling[a]
+    return out
 
 
 def forward_embedding(self, x, *args, **kwargs):
