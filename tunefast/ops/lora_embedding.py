@@ -63,8 +63,8 @@ def _bwd_impl(grad_y, ids, lora_a, lora_b, scaling, padding_idx, scale_grad_by_f
             da = ref.scatter_rows(ids1d, dh, lora_a.shape[1], padding_idx, scale_grad_by_freq, lora_a.dtype)
     else:
         da, db = ref.backward(dy, ids1d, lora_a, lora_b, scaling, padding_idx, scale_grad_by_freq, need_da, need_db)
-    empty = grad_y.new_empty(0)
-    return da if need_da else empty, db if need_db else empty
+    empty = lambda: grad_y.new_empty(0)  # noqa: E731  (one each: custom-op returns may not alias)
+    return da if need_da else empty(), db if need_db else empty()
 
 
 @torch.library.custom_op("tunefast::lora_embedding_bwd", mutates_args=())

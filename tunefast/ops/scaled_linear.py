@@ -47,9 +47,9 @@ def _bwd_impl(grad_y, x, weight, scale, needs, backend):
     dy2d = _x2d(grad_y)
     x2d = _x2d(x) if need_dscale else x  # without dl, x is an empty placeholder (it was not kept)
     dx, dscale, dbias = ref.backward(dy2d, x2d, weight, scale, *needs)
-    empty = grad_y.new_empty(0)
-    dx = dx.view(*grad_y.shape[:-1], weight.shape[1]) if need_dx else empty
-    return dx, dscale if need_dscale else empty, dbias if need_dbias else empty
+    empty = lambda: grad_y.new_empty(0)  # noqa: E731  (one each: custom-op returns may not alias)
+    dx = dx.view(*grad_y.shape[:-1], weight.shape[1]) if need_dx else empty()
+    return dx, dscale if need_dscale else empty(), dbias if need_dbias else empty()
 
 
 @torch.library.custom_op("tunefast::scaled_linear_bwd", mutates_args=())
