@@ -61,7 +61,15 @@ def collect() -> dict:
         },
         "native": native,
         "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+        "lora path": _lora_path_lines(),
     }
+
+
+def _lora_path_lines() -> list[str]:
+    """The LoRA op's GPU path selection (tunefast/ops/lora_path.py): mode, rule, cached choices with times."""
+    from .ops import lora_path
+
+    return lora_path.describe()
 
 
 def render(info: dict) -> str:
@@ -71,6 +79,8 @@ def render(info: dict) -> str:
     for name, (ok, why) in info["backends"].items():
         lines.append(f"  [{'yes' if ok else ' no'}] {name}" + (f"\n        why not: {why}" if not ok and why else ""))
     lines += ["", "backend='auto' runs: " + ", ".join(f"{d} tensors -> {b}" for d, b in info["auto backend"].items())]
+    lines += ["", "LoRA GPU path (fused Triton GEMM or cuBLAS + low-rank epilogue, per shape class):"]
+    lines += [f"  {line}" for line in info["lora path"]]
     if info["native"]:
         lines += ["", "native build:"] + [f"  {k}: {v}" for k, v in info["native"].items()]
     return "\n".join(lines)

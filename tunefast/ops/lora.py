@@ -17,12 +17,14 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend as _backend
 from ..reference import dropout as rd
 from ..reference import lora as ref
 from ._common import rows_to_shape
+from . import lora_path
 from ._checks import check_dora_args, check_lora_args
 
 _SEED_HIGH = 2**62  # seeds are non-negative int64 (see reference/dropout.py)
@@ -104,6 +106,18 @@ def _(grad_y, x, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs,
     return dx, das, dbs
 
 
+def _zero_columns(col_scale: Tensor):
+    """Where g == 0, (y - b) / g cannot give z = x W^T: the indices (n0,) of those columns, None when there
+    are none (the common case), or "all" while tracing (no values to look at: z is recomputed whole).
+    One device sync per call on a GPU (the column scale is read): only when g is trained."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(col_scale):
+        return "all"
+    zero = torch.nonzero(col_scale.reshape(-1) == 0).reshape(-1)
+    return zero if zero.numel() else None
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale, backend = inputs
     y, xas = output
@@ -111,14 +125,46 @@ def _setup_context(ctx, inputs, output):
     need_db = any(b.requires_grad for b in lora_b)
     need_dg = col_scale is not None and col_scale.requires_grad
     # Keep only what the math needs: x for dA, xa for dB, nothing of drop(x) or its mask. With a
-    # column scale g (DoRA): g, and y for g's gradient (y - b = g * z, so z is not kept separately).
+    # column scale g (DoRA, (IA)3): g, and y for g's gradient (y - b = g * z, so z is not kept
+    # separately); where some g is exactly 0 that division fails, so x, the xa and the zero columns'
+    # indices are kept too, only then, to recompute z for those columns in backward.
+    zero_cols = _zero_columns(col_scale) if need_dg else None
+    keep_x = need_da or zero_cols is not None
+    ctx.keep_xas = need_db or zero_cols is not None
     ctx.save_for_backward(
-        x if need_da else None, weight, *lora_a, *lora_b, *(xas if need_db else ()), seeds,
+        x if keep_x else None, weight, *lora_a, *lora_b, *(xas if ctx.keep_xas else ()), seeds,
         col_scale, y if need_dg else None, bias if need_dg else None,
+        zero_cols if isinstance(zero_cols, Tensor) else None,
     )
     ctx.n = len(lora_a)
     ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad, need_dg)
+    ctx.recompute_all = isinstance(zero_cols, str)
     ctx.static = (list(scalings), list(dropout_p), backend)
+
+
+def _col_scale_grad(grad_y, x, weight, y, bias, col_scale, lora_b, xas, scalings, zero_cols, recompute_all):
+    """dL/dg (N,) for y = g * z + b, z = x W^T + sum_i s_i xa_i B_i^T: sum_t dy * z, with z = (y - b) / g
+    where g != 0, and z recomputed from x and the kept xa_i (M, r_i) for the columns where g == 0
+    (``zero_cols``; every column when ``recompute_all``)."""
+    dy = grad_y.reshape(-1, grad_y.shape[-1]).float()
+    if not recompute_all and zero_cols is None:
+        z_times_g = y.reshape(dy.shape).float() - (bias.float() if bias is not None else 0.0)
+        return ((dy * z_times_g).sum(0) / col_scale.float()).to(col_scale.dtype)
+
+    def z_of(rows):  # z (M, len(rows)) of the output columns ``rows`` (all when None), fp32
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        z = F.linear(_x2d(x), pick(weight)).float()
+        for xa, b, s in zip(xas, lora_b, scalings):
+            z += s * (xa.float() @ pick(b).float().t())
+        return z
+
+    if recompute_all:
+        return (dy * z_of(None)).sum(0).to(col_scale.dtype)
+    z_times_g = y.reshape(dy.shape).float() - (bias.float() if bias is not None else 0.0)
+    g = col_scale.float()
+    dg = (dy * z_times_g).sum(0) / torch.where(g == 0, 1.0, g)
+    dg.index_copy_(0, zero_cols, (dy.index_select(1, zero_cols) * z_of(zero_cols)).sum(0))
+    return dg.to(col_scale.dtype)
 
 
 def _backward(ctx, grad_y, _grad_xas):
@@ -127,18 +173,18 @@ def _backward(ctx, grad_y, _grad_xas):
     x, weight = saved[0], saved[1]
     lora_a, lora_b = list(saved[2 : 2 + n]), list(saved[2 + n : 2 + 2 * n])
     need_da, need_db, need_dbias, need_dg = ctx.flags
-    xas = list(saved[2 + 2 * n : -4]) if need_db else []
-    seeds, col_scale, y, bias = saved[-4:]
+    xas = list(saved[2 + 2 * n : -5]) if ctx.keep_xas else []
+    seeds, col_scale, y, bias, zero_cols = saved[-5:]
     scalings, dropout_p, backend = ctx.static
     eager = getattr(ctx, "eager", False)  # set by _EagerLoraLinear; the registered op traces its bwd op
     need_dx = ctx.needs_input_grad[1 if eager else 0]
-    if x is None:  # dA not needed, so x was not kept
-        x = grad_y.new_empty(0)
     dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_dbias else None
     dg = None
-    if need_dg:  # y = g * z + b  =>  dL/dg = sum_t dy * z = sum_t dy * (y - b) / g
-        z_times_g = y.float() - (bias.float() if bias is not None else 0.0)
-        dg = ((grad_y.float() * z_times_g).reshape(-1, y.shape[-1]).sum(0) / col_scale.float()).to(col_scale.dtype)
+    if need_dg:  # y = g * z + b  =>  dL/dg = sum_t dy * z
+        dg = _col_scale_grad(grad_y, x, weight, y, bias, col_scale, lora_b, xas, scalings, zero_cols,
+                             ctx.recompute_all)
+    if x is None or not need_da:  # dA not needed: x was not kept (or only for dg), pass a placeholder
+        x = grad_y.new_empty(0)
     if col_scale is not None:  # the rest is LoRA's backward for dz = dy * g
         grad_y = (grad_y * col_scale).to(grad_y.dtype)
     bwd = _bwd_impl if eager else _lora_linear_bwd
@@ -255,21 +301,61 @@ def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seed
         )
         for i, (a, p) in enumerate(zip(lora_a, dropout_p))
     ]
+    m, n, k = x2d.shape[0], weight.shape[0], weight.shape[1]
+    runners = {
+        "triton": lambda: _fused_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale),
+        "cublas": lambda: _cublas_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale),
+    }
+    sc = lora_path.shape_class("fwd", m, n, k, [a.shape[0] for a in lora_a], x2d.dtype, lora_a[0].dtype,
+                               any(p > 0 for p in dropout_p), col_scale is not None, x2d.device)
+    return runners[lora_path.choose(sc, runners, x2d.device)](), xas
+
+
+def _fused_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale):
+    """The "triton" path: y (M, N) = g * (x W^T + sum_i s_i xa_i B_i^T) + b in one launch per adapter."""
+    from ..kernels import lora as kl
+
     y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
     for i, (xa, b, s) in enumerate(zip(xas, lora_b, scalings)):
         # Adapter 0 is fused with the base product; further adapters add onto y (rare: multi-adapter).
         first = i == 0
         kl.lora_linear(y, x2d, weight.t(), bias if first else None, xa, b.t(), s, has_main=first, accumulate=not first,
                        col_scale=col_scale)
-    return y, xas
+    return y
+
+
+def _cublas_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale):
+    """The "cublas" path: y (M, N) = F.linear(x, W, b) (PEFT's GEMM), then each s_i xa_i B_i^T added in
+    place; with a column scale g, y = g * (x W^T + low-rank) + b by two in-place passes."""
+    y = F.linear(x2d, weight, bias if col_scale is None else None)
+    for xa, b, s in zip(xas, lora_b, scalings):
+        _add_lowrank(y, xa, b.t(), s)
+    if col_scale is not None:
+        y.mul_(col_scale)
+        if bias is not None:
+            y.add_(bias)
+    return y
+
+
+def _add_lowrank(out, lo, up, scale, seed=None, threshold=0):
+    """out (M, N) += scale * keep * (lo (M, R) @ up (R, N)) in place; keep is the dropout mask of ``seed``
+    drawn for an (M, N) x. cuBLAS's addmm_ where nothing needs the mask or a dtype change; else the Triton
+    epilogue kernel alone (fp32 accumulation of out + the product, one rounding, as PEFT's promotion)."""
+    from ..kernels import lora as kl
+
+    if lo.shape[1] == 0 or out.numel() == 0:
+        return out
+    masked = seed is not None and threshold > 0
+    if not masked and lo.dtype == out.dtype and up.dtype == out.dtype:
+        return out.addmm_(lo, up, alpha=scale)
+    return kl.lora_linear(out, out, out, None, lo, up, scale, seed, threshold, has_main=False, accumulate=True)
 
 
 def _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs):
     from ..kernels import lora as kl
 
     need_dx, need_da, need_db = needs
-    dx = torch.empty((dy2d.shape[0], weight.shape[1]), device=dy2d.device, dtype=dy2d.dtype) if need_dx else None
-    das, dbs = [], []
+    das, dbs, dxas = [], [], []
     for i, (a, b, s, p) in enumerate(zip(lora_a, lora_b, scalings, dropout_p)):
         seed, thr, keep_scale = _seed_slot(seeds, i), rd.keep_threshold(p), rd.keep_scale(p)
         if need_db:
@@ -277,6 +363,33 @@ def _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p
         dxa = kl.dropout_matmul(dy2d, b, a.dtype, s)
         if need_da:
             das.append(kl.dropout_matmul(dxa.t(), x2d, a.dtype, keep_scale, seed, thr, drop="b"))
-        if need_dx:
-            kl.lora_linear(dx, dy2d, weight, None, dxa, a, keep_scale, seed, thr, has_main=i == 0, accumulate=i > 0)
-    return dx, das, dbs
+        dxas.append(dxa)
+    if not need_dx:
+        return None, das, dbs
+    m, n, k = dy2d.shape[0], weight.shape[1], weight.shape[0]
+    runners = {
+        "triton": lambda: _fused_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds),
+        "cublas": lambda: _cublas_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds),
+    }
+    sc = lora_path.shape_class("dx", m, n, k, [a.shape[0] for a in lora_a], dy2d.dtype, lora_a[0].dtype,
+                               any(p > 0 for p in dropout_p), False, dy2d.device)
+    return runners[lora_path.choose(sc, runners, dy2d.device)](), das, dbs
+
+
+def _fused_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds):
+    """The "triton" path: dx (M, K) = dy W + sum_i keep_i / (1 - p_i) * (dxa_i A_i), one launch per adapter."""
+    from ..kernels import lora as kl
+
+    dx = torch.empty((dy2d.shape[0], weight.shape[1]), device=dy2d.device, dtype=dy2d.dtype)
+    for i, (a, dxa, p) in enumerate(zip(lora_a, dxas, dropout_p)):
+        kl.lora_linear(dx, dy2d, weight, None, dxa, a, rd.keep_scale(p), _seed_slot(seeds, i), rd.keep_threshold(p),
+                       has_main=i == 0, accumulate=i > 0)
+    return dx
+
+
+def _cublas_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds):
+    """The "cublas" path: dx = dy @ W by torch, then each adapter's masked term added in place."""
+    dx = torch.mm(dy2d, weight)
+    for i, (a, dxa, p) in enumerate(zip(lora_a, dxas, dropout_p)):
+        _add_lowrank(dx, dxa, a, rd.keep_scale(p), _seed_slot(seeds, i), rd.keep_threshold(p))
+    return dx
