@@ -5,10 +5,10 @@ A *method* is a module (``tunefast.adapters``, ``tunefast.sparse``, ``tunefast.s
 LoRA-family and prompt layers, in this shape) exposing::
 
     Config                                   a dataclass: everything apply() needs, saved by save()
-    apply(model, config, *, backend="auto")  -> model to use from now on
+    apply(model, config, *, backend=None)    -> model to use from now on
     remove(model)                            -> the model apply() was given, as it was before apply()
     save(model, path)                        -> Path of the folder written (only the method's own weights)
-    load(model, path, *, backend="auto")     -> apply(model, saved config) with the saved weights loaded
+    load(model, path, *, backend=None)       -> apply(model, saved config) with the saved weights loaded
     trainable_parameters(model)              -> list of the parameters the optimizer should get
     report(model)                            -> PatchReport: every touched module, kernel or skip reason
 
@@ -18,8 +18,12 @@ puts a new network around the model (side) returns the wrapper, and ``remove`` o
 the untouched original. Code written as ``model = m.apply(model, cfg)`` ... ``model = m.remove(model)``
 works for every method.
 
-``backend`` is one of :data:`tunefast.backend.BACKENDS`; a method passes it to its ops and never
-overrides a backend the user set elsewhere. ``load`` takes a fresh base model (the one ``apply``
+``backend`` is one of :data:`tunefast.backend.BACKENDS`, set in one place: the config's ``backend``
+field. ``apply(..., backend=None)`` runs the config's; a backend given to ``apply`` takes the place of
+a config's "auto" and must otherwise agree with it (:func:`resolve_backend`: a ValueError naming both,
+never a silent override). The config is saved as it was given, so ``load`` runs the saved config's
+backend unless given another (a backend is no part of the weights: a checkpoint trained with
+"triton" on a GPU loads with "reference" on a CPU). ``load`` takes a fresh base model (the one ``apply``
 was first given, freshly constructed) and refuses, changing nothing, a checkpoint that does not fit it.
 
 ``check(method)`` verifies a module against this list; tests/test_protocol.py runs every method in
@@ -28,8 +32,11 @@ was first given, freshly constructed) and refuses, changing nothing, a checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from types import ModuleType
+
+from .. import backend as _backend
 
 # name -> positional parameters it must accept, in order (keyword-only ``backend`` checked separately)
 REQUIRED = {
@@ -46,8 +53,11 @@ TAKES_BACKEND = ("apply", "load")
 def check(method: ModuleType) -> None:
     """Raise TypeError naming every way ``method`` departs from the protocol (nothing if it conforms)."""
     problems = []
-    if not isinstance(getattr(method, "Config", None), type):
-        problems.append("no Config class")
+    config = getattr(method, "Config", None)
+    if not isinstance(config, type) or not dataclasses.is_dataclass(config):
+        problems.append("no Config dataclass")
+    elif "backend" not in {f.name for f in dataclasses.fields(config)}:
+        problems.append("Config has no backend field")
     for name, params in REQUIRED.items():
         fn = getattr(method, name, None)
         if not callable(fn):
@@ -67,3 +77,18 @@ def check(method: ModuleType) -> None:
     if problems:
         raise TypeError(f"{method.__name__} does not follow tunefast's method protocol "
                         f"(tunefast/methods/protocol.py): " + "; ".join(problems))
+
+
+def resolve_backend(config_backend: str, backend: str | None, *, what: str = "config") -> str:
+    """The backend a method runs: ``backend`` (given to apply / load) against the config's.
+
+    None -> the config's; the config's "auto" -> ``backend``; equal -> it; anything else is a
+    ValueError naming both (``what`` names the config in the message, e.g. "SparseConfig")."""
+    _backend.check_backend_name(config_backend)
+    if backend is None:
+        return config_backend
+    _backend.check_backend_name(backend)
+    if config_backend not in ("auto", backend):
+        raise ValueError(f"backend={backend!r} contradicts {what}.backend={config_backend!r}: set the backend in one "
+                         f"place (the config, or apply's backend= with the config's backend left 'auto')")
+    return backend

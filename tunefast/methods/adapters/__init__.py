@@ -20,10 +20,13 @@ from .io import load, save
 from .layer import AdapterLayer
 from .model import BLOCKS, adapter_layers, apply, config_of, remove, report, trainable_parameters
 
+Config = AdapterConfig  # the method protocol's name (tunefast/methods/protocol.py)
+
 __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "BLOCKS",
+    "Config",
     "adapter_layers",
     "apply",
     "config_of",

@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...backend import BACKENDS
+
 ACTIVATIONS = ("relu", "gelu", "silu")
 PLACEMENTS = ("sequential", "parallel")
 SUBLAYERS = ("attention", "ffn")
@@ -32,6 +34,9 @@ class AdapterConfig:
     init_std: float = field(default=1e-2, metadata={
         "help": "Std of the down-projection's normal init; the up-projection starts at zero, so a fresh "
                 "adapter is the identity (Houlsby's near-identity init)."})
+    backend: str = field(default="auto", metadata={
+        "help": "Kernel backend of the adapter op (see tunefast.backend); apply's backend= may replace "
+                "'auto' only."})
 
     def __post_init__(self):
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
@@ -53,6 +58,8 @@ class AdapterConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init_std < 0.0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
     def houlsby(cls, **kw) -> "AdapterConfig":

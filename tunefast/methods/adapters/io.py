@@ -3,6 +3,7 @@ the base model) and ``adapter_config.json`` (format, the AdapterConfig, adapter 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -37,8 +38,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     return out
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
     """Apply the saved config to ``model`` (a fresh base model) and load the saved adapter weights.
+
+    ``backend``: None runs the saved config's; another replaces it (a backend is no part of the weights).
 
     Every saved adapter must land on a layer of the same shape, and every adapter apply creates must be
     in the file; otherwise nothing is changed and a ValueError says which. Returns ``model``."""
@@ -54,7 +57,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") ->
         raise ValueError(f"{config_file} is not an adapters file this version can read "
                          f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
     tensors = load_file(str(weights_file))
-    apply(model, AdapterConfig.from_dict(meta["config"]), backend=backend)
+    config = AdapterConfig.from_dict(meta["config"])
+    if backend is not None:
+        config = dataclasses.replace(config, backend=backend)
+    apply(model, config)
     layers = adapter_layers(model)
     problem = None
     if set(layers) != set(meta["layers"]):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ... import backend as _backend
 from ...patching.report import PatchedEntry, PatchReport
+from ..protocol import resolve_backend
 from .config import AdapterConfig
 from .layer import AdapterLayer
 
@@ -79,11 +80,12 @@ def _input_hook(layer: AdapterLayer, index: int, keyword: str):
     return hook
 
 
-def apply(model: nn.Module, config: AdapterConfig, *, backend: str = "auto") -> nn.Module:
+def apply(model: nn.Module, config: AdapterConfig, *, backend: str | None = None) -> nn.Module:
     """Add an adapter to the chosen sublayers of every known transformer block of ``model``, in place.
 
     Every parameter of the model is frozen (flags restored by :func:`remove`); the adapters train.
-    ``backend``: the adapter op's "auto", "triton" or "reference" (see tunefast.backend). Returns ``model``.
+    ``backend``: None runs ``config.backend``; a backend ("auto", "triton", "reference": see
+    tunefast.backend) may replace a config's "auto" and must otherwise equal it. Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -91,7 +93,7 @@ def apply(model: nn.Module, config: AdapterConfig, *, backend: str = "auto") -> 
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     if _STATE in model.__dict__:
         raise ValueError("model already has adapters: call adapters.remove(model) first")
-    _backend.check_backend_name(backend)
+    backend = resolve_backend(config.backend, backend, what="AdapterConfig")
     blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in BLOCKS]
     if not blocks:
         raise ValueError(f"no transformer block of a known family in {type(model).__name__}; adapters are placed in "
