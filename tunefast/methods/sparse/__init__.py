@@ -9,6 +9,7 @@ scale with the entries trained (diff pruning, Composable Sparse Fine-Tuning, SpI
     sparse.save(model, "task_sft/")
     sparse.merge(model); sparse.unmerge(model)                            # bit for bit
     sparse.load(model, "lang_sft/", name="lang")                          # compose a second delta
+    print(sparse.report(model))                                           # each layer with its kernel
     sparse.remove(model)                                                  # original modules back
 
 Files: config.py (SparseConfig), layer.py (SparseDelta, SparseLinear, the base-layer layout table),
@@ -20,9 +21,12 @@ csrc/sparse_*.{cpp,cu}, its plain-PyTorch math tunefast/reference/sparse.py.
 from .config import SparseConfig
 from .io import load, save
 from .layer import SparseDelta, SparseLinear
-from .model import apply, delta_names, merge, remove, sparse_layers, trainable_parameters, unmerge
+from .model import apply, delta_names, merge, remove, report, sparse_layers, trainable_parameters, unmerge
+
+Config = SparseConfig  # the method protocol's name (tunefast/methods/protocol.py)
 
 __all__ = [
+    "Config",
     "SparseConfig",
     "SparseDelta",
     "SparseLinear",
@@ -31,6 +35,7 @@ __all__ = [
     "load",
     "merge",
     "remove",
+    "report",
     "save",
     "sparse_layers",
     "trainable_parameters",

@@ -11,9 +11,10 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ...backend import BACKENDS
+
 SELECTIONS = ("random", "magnitude", "gradient")
 VALUE_DTYPES = ("float32", "bfloat16", "float16", "weight")
-BACKENDS = ("auto", "triton", "reference")
 
 
 @dataclass
@@ -43,7 +44,8 @@ class SparseConfig:
                 "the batches. 1 holds one (out, in) fp32 score at a time at the cost of one pass per layer; "
                 "larger values trade memory for fewer passes."})
     backend: str = field(default="auto", metadata={
-        "help": "Kernel backend of the sparse op: 'auto', 'triton' or 'reference' (see tunefast.backend)."})
+        "help": "Kernel backend of the sparse op: 'auto', 'triton' or 'reference' (see tunefast.backend). "
+                "apply's backend= and tunefast.patch(backend=...) replace 'auto' only."})
 
     def __post_init__(self):
         explicit = isinstance(self.selection, Mapping)

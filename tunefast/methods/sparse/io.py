@@ -13,8 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
+from ... import backend as _backend
+
 from .layer import SparseLinear, weight_nk
-from .model import _CONFIGS, _candidates, _is_linear, add_delta, config_of, delta_names, sparse_layers
+from .model import (_CONFIGS, _candidates, _is_linear, add_delta, config_of, delta_names, record_flags,
+                    sparse_layers)
 
 CONFIG_NAME = "sparse_config.json"
 WEIGHTS_NAME = "sparse_delta.safetensors"
@@ -48,8 +51,11 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
 
 
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, trainable: bool = False,
-         backend: str = "auto") -> nn.Module:
+         backend: str | None = None) -> nn.Module:
     """Add the delta saved in ``path`` to ``model`` under ``name`` (default: the saved name), in place.
+
+    ``backend``: None runs the saved SparseConfig's ("auto" when the file has none); another replaces
+    it (a backend is no part of the weights). Layers that already have a delta keep their backend.
 
     The layers must exist with the saved (out_features, in_features) shapes; indices are checked again
     (range, order, uniqueness). The values keep their saved dtype and move to each layer's device. With
@@ -68,6 +74,9 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
         raise ValueError(f"{config_file} is not a sparse delta this version can read "
                          f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
     name = name or meta["name"]
+    if backend is None:
+        backend = (meta.get("config") or {}).get("backend", "auto")
+    _backend.check_backend_name(backend)
     if name in delta_names(model):
         raise ValueError(f"model already has a delta named {name!r}: load under another name= or remove it first")
     tensors = load_file(str(weights_file))
@@ -84,6 +93,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
             raise ValueError(f"layer {ln!r} is {shape} (out, in) here but the delta was saved for "
                              f"{tuple(info['shape'])}")
         plan.append((ln, module, base))
+    record_flags(model)
     for ln, module, base in plan:
         dev = base.weight.device
         bias = tensors.get(f"{ln}.bias")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...ops.sparse import SparseStructure, sparse_linear, sparse_structure
+from ...ops._checks import SUPPORTED_DTYPES
+from ...ops.sparse import SparseStructure, implementation, sparse_linear, sparse_structure
+from ...patching.registry import Patch, Skip
 
 try:  # GPT-2 style Conv1D: weight stored (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
@@ -108,6 +110,34 @@ class SparseLinear(nn.Module):
 
     def weight_nk(self) -> torch.Tensor:
         return weight_nk(self.base_layer)
+
+    def backend_for(self, requested: str | None) -> str:
+        """The backend this layer runs when ``requested`` (e.g. ``tunefast.patch``'s) is asked for: the
+        layer's own (the SparseConfig's) unless that is "auto". One rule, so a config's backend is never
+        silently overridden."""
+        return self.backend if requested is None or self.backend != "auto" else requested
+
+    def plan(self, requested: str | None = None) -> Patch | Skip:
+        """The one eligibility decision for this layer, read by the report (``sparse.report``, and
+        ``tunefast.patch`` through tunefast/patching/sparse.py): the sparse op with the implementation
+        that runs it (``sparse_linear[triton | native | torch]``), or why the base layer runs instead."""
+        weight = self.weight_nk()
+        if weight.is_meta:
+            raise ValueError("the model has meta-device weights (shape only, no data): load or materialise them "
+                             "first")
+        if weight.dtype not in SUPPORTED_DTYPES:
+            return Skip(f"base weight dtype {weight.dtype} (the sparse op takes float32, float16, bfloat16)")
+        backend = self.backend_for(requested)
+        kernel = f"sparse_linear[{implementation(backend, weight.device)}]"
+        numel = self.out_features * self.in_features
+        detail = ", ".join(f"{n}: nnz={d.nnz} ({100 * d.nnz / numel:.3g} %)" + (", merged" if d.merged else "")
+                           for n, d in self.deltas.items())
+        if requested is not None and backend != requested:
+            detail += f"; backend={backend!r} from its SparseConfig, not the requested {requested!r}"
+        if not self.active_deltas():
+            return Skip(f"every delta is merged into the base weight ({detail}); {kernel} resumes after unmerge",
+                        resumes=True)
+        return Patch(kernel, detail)
 
     def active_deltas(self) -> list[SparseDelta]:
         return [d for d in self.deltas.values() if not d.merged]

@@ -19,12 +19,25 @@ import torch
 from torch import nn
 
 from ... import _native
+from ...patching.registry import Patch
+from ...patching.report import PatchedEntry, PatchReport, SkippedEntry
 from ...reference import sparse as ref
+from ..protocol import resolve_backend
 from .config import SparseConfig
 from .layer import SparseDelta, SparseLinear, transposed_storage, weight_nk
 from .selection import entries, gradient_indices, magnitude_indices, random_indices
 
 _CONFIGS = "_tunefast_sparse_configs"  # in model.__dict__: {delta name: SparseConfig.to_dict()}
+# in model.__dict__: [(parameter, requires_grad)] from before the first apply / load, restored when the
+# last delta is removed. Parameter objects, not names: wrapping renames a weight (``.base_layer.``), and
+# deepcopy maps the references to the copy's own parameters.
+_FLAGS = "_tunefast_sparse_flags"
+
+
+def record_flags(model: nn.Module) -> None:
+    """Remember every parameter's requires_grad before sparse deltas change any (first call only)."""
+    if _FLAGS not in model.__dict__:
+        model.__dict__[_FLAGS] = [(p, p.requires_grad) for p in model.parameters()]
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
@@ -132,7 +145,7 @@ def add_delta(model: nn.Module, layer_name: str, module: nn.Module, delta_name: 
 
 
 def apply(model: nn.Module, config: SparseConfig, *, name: str = "default", batches: Iterable | None = None,
-          loss_fn: Callable | None = None) -> nn.Module:
+          loss_fn: Callable | None = None, backend: str | None = None) -> nn.Module:
     """Freeze ``model`` and give every targeted linear layer a trainable sparse delta named ``name``.
 
     Args:
@@ -142,6 +155,8 @@ def apply(model: nn.Module, config: SparseConfig, *, name: str = "default", batc
         batches: gradient selection only: a few batches (dicts of model inputs with labels, or anything
             ``loss_fn`` takes); the scores are computed once, here.
         loss_fn: gradient selection: ``(model, batch) -> scalar loss`` (default ``model(**batch).loss``).
+        backend: None runs ``config.backend``; a backend may replace a config's "auto" and must otherwise
+            equal it (a ValueError names both). Layers wrapped here keep it (``SparseLinear.backend``).
 
     The deltas' values start at zero (the model's function is unchanged) in ``config.dtype``; they and,
     with ``train_bias``, the bias deltas are the only parameters left trainable.
@@ -152,6 +167,7 @@ def apply(model: nn.Module, config: SparseConfig, *, name: str = "default", batc
         raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"name must be a non-empty string without '.', got {name!r}")
+    backend = resolve_backend(config.backend, backend, what="SparseConfig")
     if config.selection == "gradient" and batches is None:
         raise ValueError("selection='gradient' needs batches: apply(model, config, batches=[...]) (and loss_fn "
                          "unless each batch is a dict of inputs with labels)")
@@ -162,6 +178,7 @@ def apply(model: nn.Module, config: SparseConfig, *, name: str = "default", batc
         if (m.base_layer if isinstance(m, SparseLinear) else m).weight.is_meta:
             raise ValueError("the model has meta-device weights: load or materialise them before apply")
     indices = _select(model, config, targets, batches, loss_fn)
+    record_flags(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for n, m in targets:
@@ -172,7 +189,7 @@ def apply(model: nn.Module, config: SparseConfig, *, name: str = "default", batc
         bias = None
         if config.train_bias and base.bias is not None:
             bias = torch.zeros_like(base.bias, dtype=config.values_dtype(base.bias.dtype))
-        add_delta(model, n, m, name, idx, values, bias, trainable=True, backend=config.backend)
+        add_delta(model, n, m, name, idx, values, bias, trainable=True, backend=backend)
     model.__dict__.setdefault(_CONFIGS, {})[name] = config.to_dict()
     return model
 
@@ -294,7 +311,9 @@ def _unmerge_layer(layer: SparseLinear) -> None:
 
 def remove(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
     """Remove the deltas ``names`` (default: all); a layer left without deltas gets its original module
-    back in place. Merged deltas are unmerged first (the others that were merged are merged again)."""
+    back in place. Merged deltas are unmerged first (the others that were merged are merged again).
+    When no delta is left, every parameter's requires_grad is back to what it was before the first
+    apply / load. Returns ``model``."""
     names = _select_names(model, names)
     for layer_name, layer in sparse_layers(model).items():
         doomed = [n for n in names if n in layer.deltas]
@@ -313,9 +332,32 @@ def remove(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Mod
     configs = model.__dict__.get(_CONFIGS, {})
     for n in names:
         configs.pop(n, None)
+    if not sparse_layers(model):
+        model.__dict__.pop(_CONFIGS, None)
+        for p, flag in model.__dict__.pop(_FLAGS, ()):
+            p.requires_grad_(flag)
     return model
 
 
 def config_of(model: nn.Module, name: str) -> dict | None:
     """The SparseConfig (as a dict) a delta was applied or loaded with, if known."""
     return model.__dict__.get(_CONFIGS, {}).get(name)
+
+
+def report(model: nn.Module) -> PatchReport:
+    """Every sparse layer of ``model``: a PatchedEntry with the kernel that runs it
+    (``sparse_linear[triton | native | torch]``, from the layer's backend) and its deltas, or a
+    SkippedEntry saying why its base layer runs (every delta merged; a dtype the op does not take).
+    ``backend`` of the report: the layers' backend when they share one, else "mixed"."""
+    layers = sparse_layers(model)
+    if not layers:
+        raise ValueError("model has no sparse deltas (sparse.apply or sparse.load was not called, or remove was)")
+    backends = {layer.backend for layer in layers.values()}
+    out = PatchReport(backend=backends.pop() if len(backends) == 1 else "mixed")
+    for name, layer in layers.items():
+        decision = layer.plan()
+        if isinstance(decision, Patch):
+            out.patched.append(PatchedEntry(name, decision.kernel, decision.detail))
+        else:
+            out.skipped.append(SkippedEntry(name, decision.reason))
+    return out
