@@ -3,9 +3,14 @@ that runs without autograd (Ladder Side-Tuning, Sung et al. 2022; UniPT, Diao et
 
     from tunefast.methods import side
     side_model = side.apply(model, side.SideConfig(reduction_factor=8, merge="ladder"))
-    opt = torch.optim.AdamW(side_model.trainable_parameters(), lr=3e-4)
+    opt = torch.optim.AdamW(side.trainable_parameters(side_model), lr=3e-4)
     side_model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    side.save(side_model, "out/");  side_model = side.load(model, "out/")
+    side.save(side_model, "out/");  side_model = side.load(fresh_model, "out/")
+    print(side.report(side_model))                      # each rung with its kernel
+    model = side.remove(side_model)                     # the model as it was given (flags, train/eval)
+
+``apply`` returns a new model (a SideModel around the one given): always use the returned model
+(tunefast/methods/protocol.py).
 
 Files: config.py (SideConfig), network.py (ladder / UniPT side networks), heads.py (causal-LM,
 classification and feature heads), model.py (apply, SideModel), io.py (save, load). The fused ops are
@@ -15,6 +20,8 @@ tunefast/reference/side.py.
 
 from .config import SideConfig
 from .io import load, save
-from .model import SideModel, apply
+from .model import SideModel, apply, remove, report, trainable_parameters
 
-__all__ = ["SideConfig", "SideModel", "apply", "load", "save"]
+Config = SideConfig  # the method protocol's name (tunefast/methods/protocol.py)
+
+__all__ = ["Config", "SideConfig", "SideModel", "apply", "load", "remove", "report", "save", "trainable_parameters"]

@@ -7,12 +7,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ...backend import BACKENDS
+
 MERGES = ("ladder", "unipt")
 NORMS = ("rmsnorm", "layernorm")
 TASKS = ("auto", "causal_lm", "classification", "features")
 POOLINGS = ("mean", "first", "last")
 SIDE_DTYPES = ("float32", "bfloat16", "float16", "backbone")
-BACKENDS = ("auto", "triton", "reference")
 
 
 @dataclass
@@ -55,7 +56,8 @@ class SideConfig:
                 "the LM-head loss chunked with its gradients formed in the forward (no logits kept). "
                 "False: the same math and parameters as plain PyTorch modules (the unfused baseline)."})
     backend: str = field(default="auto", metadata={
-        "help": "Kernel backend of the fused ops: 'auto', 'triton' or 'reference' (see tunefast.backend)."})
+        "help": "Kernel backend of the fused ops: 'auto', 'triton' or 'reference' (see tunefast.backend); "
+                "apply's backend= replaces 'auto' only."})
     loss_chunk_tokens: Optional[int] = field(default=None, metadata={
         "help": "Tokens per chunk of the fused LM-head loss (None: ~16M logits per chunk)."})
 

@@ -7,6 +7,7 @@ weights, nothing of the backbone) and ``side_config.json`` (the SideConfig plus 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,25 +15,25 @@ from pathlib import Path
 import torch
 
 from .config import SideConfig
-from .model import SideModel, apply
+from .model import SideModel, apply, remove
 
 CONFIG_NAME = "side_config.json"
 WEIGHTS_NAME = "side_model.safetensors"
 FORMAT_VERSION = 1
 
 
-def save(side_model: SideModel, path: str | os.PathLike) -> Path:
+def save(model: SideModel, path: str | os.PathLike) -> Path:
     """Write the side weights and config into the folder ``path`` (created if needed); returns it."""
     from safetensors.torch import save_file
 
-    if not isinstance(side_model, SideModel):
+    if not isinstance(model, SideModel):
         raise TypeError(
-            f"side_model must be what tunefast.methods.side.apply returned, got {type(side_model).__name__}"
+            f"model must be what tunefast.methods.side.apply returned, got {type(model).__name__}"
         )
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    plan = side_model.plan
-    config = side_model.side_config.to_dict()
+    plan = model.plan
+    config = model.side_config.to_dict()
     config["task"] = plan.task  # resolved: loading onto another class keeps the head that was trained
     if plan.task == "classification":
         config["num_labels"] = plan.num_labels
@@ -41,22 +42,25 @@ def save(side_model: SideModel, path: str | os.PathLike) -> Path:
         "version": FORMAT_VERSION,
         "config": config,
         "backbone": {
-            "class": type(side_model.backbone).__name__,
-            "model_type": getattr(side_model.backbone.config, "model_type", None),
+            "class": type(model.backbone).__name__,
+            "model_type": getattr(model.backbone.config, "model_type", None),
             "hidden_size": plan.hidden_size,
             "num_hidden_layers": plan.num_hidden_layers,
         },
     }
-    weights = {k: v.detach().contiguous() for k, v in side_model.side_state_dict().items()}
+    weights = {k: v.detach().contiguous() for k, v in model.side_state_dict().items()}
     save_file(weights, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 
-def load(model, path: str | os.PathLike, **overrides) -> SideModel:
-    """Apply the saved side network to ``model`` and load its weights; ``overrides`` replace config
-    fields that do not change the weights (e.g. ``fused=False``, ``backend="reference"``)."""
-    from safetensors.torch import load_file
+def load(model, path: str | os.PathLike, *, backend: str | None = None, **overrides) -> SideModel:
+    """Apply the saved side network to ``model`` (a fresh backbone) and load its weights.
+
+    ``backend``: None runs the saved config's; another replaces it (a backend is no part of the
+    weights). ``overrides`` replace other config fields that do not change the weights (``fused=False``,
+    ``loss_chunk_tokens``). A checkpoint that does not fit ``model`` is refused with ``model`` left as it
+    was (flags and train / eval mode)."""
 
     folder = Path(path)
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -67,12 +71,25 @@ def load(model, path: str | os.PathLike, **overrides) -> SideModel:
     if meta.get("format") != "tunefast-side" or meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{config_file} is not a tunefast side config this version can read ({meta.get('format')!r}, "
                          f"version {meta.get('version')!r})")
-    allowed = {"fused", "backend", "loss_chunk_tokens"}
+    allowed = {"fused", "loss_chunk_tokens"}
     if set(overrides) - allowed:
         raise ValueError(f"only {sorted(allowed)} can be overridden on load, got {sorted(set(overrides) - allowed)}")
     config = SideConfig.from_dict({**meta["config"], **overrides})
+    if backend is not None:
+        config = dataclasses.replace(config, backend=backend)
     saved = meta["backbone"]
     side_model = apply(model, config)
+    try:
+        _load_weights(side_model, saved, weights_file, model)
+    except Exception:
+        remove(side_model)
+        raise
+    return side_model
+
+
+def _load_weights(side_model: SideModel, saved: dict, weights_file: Path, model) -> None:
+    from safetensors.torch import load_file
+
     plan = side_model.plan
     if (plan.hidden_size, plan.num_hidden_layers) != (saved["hidden_size"], saved["num_hidden_layers"]):
         raise ValueError(
@@ -91,4 +108,3 @@ def load(model, path: str | os.PathLike, **overrides) -> SideModel:
             raise ValueError(f"{name}: saved {tuple(t.shape)} {t.dtype}, expected {tuple(expected[name].shape)} "
                              f"{expected[name].dtype}")
     side_model.load_state_dict(weights, strict=False)
-    return side_model

@@ -10,12 +10,17 @@ and the auto-class tables that say which classes are causal LMs or classifiers.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ... import backend as _backend
+from ...ops import side as side_ops
+from ...patching.report import PatchedEntry, PatchReport, SkippedEntry
+from ..protocol import resolve_backend
 from .config import SideConfig
 from .heads import CausalLMHead, ClassificationHead, FeaturesHead
 from .network import NETWORKS
@@ -45,17 +50,22 @@ class Plan:
 
 class SideModel(nn.Module):
     """A frozen backbone plus a trainable side network and head. Call it like the model itself
-    (``input_ids=..., attention_mask=..., labels=...`` or ``pixel_values=..., labels=...``)."""
+    (``input_ids=..., attention_mask=..., labels=...`` or ``pixel_values=..., labels=...``).
 
-    def __init__(self, backbone: nn.Module, config: SideConfig, plan: Plan):
+    ``side_config`` is the config as given (what ``save`` writes); ``backend`` the one the fused ops run
+    (the config's, or apply's backend= in place of its "auto")."""
+
+    def __init__(self, backbone: nn.Module, config: SideConfig, plan: Plan, backend: str | None = None):
         super().__init__()
         self.backbone = backbone
         self.side_config = config
         self.plan = plan
+        self.backend = resolve_backend(config.backend, backend, what="SideConfig")
+        run = dataclasses.replace(config, backend=self.backend)
         self._dtype = _side_dtype(config.side_dtype, backbone)
         device = next(backbone.parameters()).device
-        args = (plan.width, plan.hidden_size, config, self._dtype, device)
-        self.side = NETWORKS[config.merge](len(plan.layers), plan.hidden_size, plan.width, config, self._dtype, device)
+        args = (plan.width, plan.hidden_size, run, self._dtype, device)
+        self.side = NETWORKS[config.merge](len(plan.layers), plan.hidden_size, plan.width, run, self._dtype, device)
         if plan.task == "causal_lm":
             self.head = CausalLMHead(*args)
         elif plan.task == "classification":
@@ -120,19 +130,83 @@ class SideModel(nn.Module):
         return states, out.last_hidden_state
 
 
-def apply(model: nn.Module, config: SideConfig | None = None) -> SideModel:
+# on the SideModel: what apply changed on the model it was given, for remove() to put back.
+_ORIGINAL = "_tunefast_side_original"
+
+
+def apply(model: nn.Module, config: SideConfig | None = None, *, backend: str | None = None) -> SideModel:
     """Wrap ``model`` (a Hugging Face PreTrainedModel) in a side network; see SideConfig for options.
 
-    The model's parameters are frozen (requires_grad False) and it is put in eval mode. Returns a
-    SideModel whose only trainable parameters are the side network's and the head's.
+    The model's parameters are frozen (requires_grad False) and it is put in eval mode (both undone by
+    :func:`remove`). ``backend``: None runs ``config.backend``; a backend may replace a config's "auto"
+    and must otherwise equal it. Returns a SideModel (use it from now on: the protocol's in-place rule)
+    whose only trainable parameters are the side network's and the head's.
     """
     config = config if config is not None else SideConfig()
     if not isinstance(config, SideConfig):
         raise TypeError(f"config must be a SideConfig, got {type(config).__name__}")
+    if isinstance(model, SideModel):
+        raise TypeError("model is already a SideModel: call side.remove(side_model) first, or apply to "
+                        "side_model.backbone's original model")
+    resolve_backend(config.backend, backend, what="SideConfig")  # before anything changes
     plan = make_plan(model, config)
+    original = ([(p, p.requires_grad) for p in model.parameters()], [(m, m.training) for m in model.modules()])
     model.requires_grad_(False)
     model.eval()
-    return SideModel(model, config, plan)
+    side_model = SideModel(model, config, plan, backend)
+    side_model.__dict__[_ORIGINAL] = original
+    return side_model
+
+
+def remove(model: SideModel) -> nn.Module:
+    """Undo :func:`apply`: the model it was given, with its requires_grad flags and train / eval modes
+    as they were. The side network is dropped (save it first)."""
+    if not isinstance(model, SideModel):
+        raise TypeError(f"model must be what tunefast.methods.side.apply returned, got {type(model).__name__}")
+    original = model.__dict__.pop(_ORIGINAL, None)
+    if original is None:
+        raise ValueError("this SideModel was already removed (or not made by side.apply)")
+    flags, modes = original
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    for m, mode in modes:
+        m.training = mode
+    return model.backbone
+
+
+def trainable_parameters(model: SideModel) -> list[nn.Parameter]:
+    """The side network's and head's parameters: what the optimizer should get."""
+    if not isinstance(model, SideModel):
+        raise TypeError(f"model must be what tunefast.methods.side.apply returned, got {type(model).__name__}")
+    return model.trainable_parameters()
+
+
+def report(model: SideModel) -> PatchReport:
+    """Every side-network module with the kernel that runs it: ``side.rungs.<i>`` ``ladder_merge[...]``
+    (down-projection + gate + norm), ``head`` ``side_lm_loss[...]`` (causal LM, training with labels),
+    or a SkippedEntry saying why plain PyTorch runs (``fused=False``, a classification / features head)."""
+    if not isinstance(model, SideModel):
+        raise TypeError(f"model must be what tunefast.methods.side.apply returned, got {type(model).__name__}")
+    fused, backend, plan = model.side_config.fused, model.backend, model.plan
+    device = next(model.side.parameters()).device
+    out = PatchReport(backend=backend)
+    unfused = "fused=False: nn.Linear + norm modules (the unfused baseline)"
+    for i, (rung, layer) in enumerate(zip(model.side.rungs, plan.layers)):
+        name = f"side.rungs.{i}"
+        if fused:
+            impl = side_ops._resolve(backend, device, plan.width)  # the op's own rule (width limit included)
+            detail = f"hidden state {layer} -> width {plan.width}" + (", gated" if rung.gate is not None else "")
+            out.patched.append(PatchedEntry(name, f"ladder_merge[{impl}]", detail))
+        else:
+            out.skipped.append(SkippedEntry(name, unfused))
+    if plan.task == "causal_lm" and fused:
+        out.patched.append(PatchedEntry("head", f"side_lm_loss[{_backend.resolve(backend, device)}]",
+                                        "training with labels; logits through the frozen LM head otherwise"))
+    elif plan.task == "causal_lm":
+        out.skipped.append(SkippedEntry("head", "fused=False: logits through the frozen LM head, PyTorch's loss"))
+    else:
+        out.skipped.append(SkippedEntry("head", f"{plan.task} head: a Linear on pooled features, no fused kernel"))
+    return out
 
 
 def make_plan(model, config: SideConfig) -> Plan:
