@@ -10,6 +10,10 @@ Both variants start from deep copies of one PEFT model, so they hold the same we
 same inputs; B matrices are random (init_lora_weights=False) so that no product runs on zeros and
 the checks compare non-trivial gradients. Adapters stay in PEFT's default dtype (fp32 on a bf16 base,
 ``autocast_adapter_dtype=True``): what a user of PEFT gets.
+
+The tunefast rows' ``info`` (and a printed line) name the LoRA GPU path each layer shape ran, fused
+Triton GEMM or cuBLAS + low-rank epilogue, with both times where they were measured on first use
+(tunefast/ops/lora_path.py; ``TUNEFAST_LORA_PATH=triton|cublas`` forces one).
 """
 
 from __future__ import annotations
@@ -52,6 +56,35 @@ def _native_dropout(device) -> bool | None:
     except ImportError:
         return None
     return _native.CPU_AVAILABLE if device.type == "cpu" else _native.cuda_usable()[0]
+
+
+def lora_paths(tokens: int, shapes, p: float) -> str:
+    """Which LoRA GPU path ran (tunefast/ops/lora_path.py) for linear layers of ``shapes`` [(K, N)] at
+    ``tokens`` tokens, with both measured times where they were measured: "fwd KxN: path (how: times)"."""
+    from tunefast.ops import lora_path
+
+    bucket = lora_path.shape_class("fwd", tokens, 1, 1, [], torch.float32, torch.float32, False, False,
+                                   torch.device("cpu")).m_bucket
+    pairs = {("fwd", n, k) for k, n in shapes} | {("dx", k, n) for k, n in shapes}
+    out = [f"{sc.op} {sc.k if sc.op == 'fwd' else sc.n}x{sc.n if sc.op == 'fwd' else sc.k}: {choice.describe()}"
+           for sc, choice in lora_path.entries()
+           if sc.m_bucket == bucket and sc.dropout == (p > 0) and (sc.op, sc.n, sc.k) in pairs]
+    return "; ".join(out) or "none recorded (reference backend, or no Triton path ran)"
+
+
+def _noting_paths(step: harness.Step, paths) -> harness.Step:
+    """Record ``paths()`` in the row's info after the first run (the first use, where the LoRA path is
+    chosen, happens in check(), before any timed step) and print it."""
+    inner = step.run
+
+    def run():
+        inner()
+        if "lora_path" not in step.info:
+            step.info["lora_path"] = paths()
+            print(f"\nlora path: {step.info['lora_path']}")
+
+    step.run = run
+    return step
 
 
 def _patched(template):
@@ -118,7 +151,7 @@ def layer_case(K, N, M, p, dtype, device) -> harness.Case:
     def tunefast_setup(inp):
         template, x, gy = inp
         model, info = _patched(template)
-        return step_for(model, x, gy, info)
+        return _noting_paths(step_for(model, x, gy, info), lambda: lora_paths(M, [(K, N)], p))
 
     return harness.Case(
         suite="lora", name="layer",
@@ -131,14 +164,19 @@ def layer_case(K, N, M, p, dtype, device) -> harness.Case:
 # ---- a small model's training step ----------------------------------------------------------------
 
 
+def llama_shapes(hidden, intermediate, heads, kv_heads, **_) -> list[tuple[int, int]]:
+    """(K, N) of each LoRA-adapted linear layer of one decoder layer: q, k, v, o, gate, up, down."""
+    kv = kv_heads * (hidden // heads)
+    return [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
+            (hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]
+
+
 def llama_flops(hidden, intermediate, layers, heads, kv_heads, vocab, batch, seq, r=RANK) -> float:
     """Matmul FLOPs of one training step with a frozen base and LoRA on every linear layer:
     per linear (K -> N) 4 T N K (forward and dx) + 6 T r (K + N) (the adapter); causal attention
     2 B S^2 H forward (half of the full QK^T and PV) and twice that backward; the LM head 4 T V H."""
-    t, head_dim = batch * seq, hidden // heads
-    kv = kv_heads * head_dim
-    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),  # q, k, v, o
-              (hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]  # gate, up, down
+    t = batch * seq
+    shapes = llama_shapes(hidden, intermediate, heads, kv_heads)
     linear = sum(4 * t * n * k + 6 * t * r * (k + n) for k, n in shapes)
     attention = 3 * 2 * batch * seq * seq * hidden
     return layers * (linear + attention) + 4 * t * vocab * hidden
@@ -187,7 +225,8 @@ def llama_case(sizes: dict, p, dtype, device) -> harness.Case:
     def tunefast_setup(inp):
         template, ids = inp
         model, info = _patched(template)
-        return step_for(model, ids, info)
+        return _noting_paths(step_for(model, ids, info),
+                             lambda: lora_paths(sizes["batch"] * sizes["seq"], llama_shapes(**sizes), p))
 
     return harness.Case(
         suite="lora", name="llama_step",

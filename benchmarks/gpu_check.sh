@@ -6,6 +6,7 @@
 #   OUTDIR/summary.md             the steps (exit code, seconds), then the benchmark tables
 #   OUTDIR/results.jsonl, .csv    one row per benchmark variant (benchmarks/README.md: columns)
 #   OUTDIR/pytest_benchmark.json  pytest-benchmark's own report of the same samples
+#   OUTDIR/cache/lora_path.json   the LoRA path chosen per shape class, with both measured times
 #
 # Exit status: 0 when the build, the GPU tests and the benchmarks all passed; 1 otherwise (OUTDIR still
 # holds whatever was measured); 2 when no GPU is visible (set GPU_CHECK_ALLOW_CPU=1 for a CPU dry run).
@@ -44,6 +45,10 @@ if [[ -z ${TUNEFAST_COMMIT:-} ]] && git -C "$ROOT" rev-parse HEAD >/dev/null 2>&
     TUNEFAST_COMMIT=$(git -C "$ROOT" rev-parse --short=12 HEAD)
 fi
 export TUNEFAST_COMMIT=${TUNEFAST_COMMIT:-unknown}
+# The LoRA op's GPU path (fused Triton GEMM or cuBLAS + low-rank epilogue) is timed per shape class on
+# first use and cached on disk (tunefast/ops/lora_path.py): a cache private to this run, so every
+# shape is measured here, and the lora-paths step below prints each choice with both times.
+export TUNEFAST_CACHE_DIR=${TUNEFAST_CACHE_DIR:-$OUT/cache}
 
 STATUS=0
 STEPS=()
@@ -156,6 +161,12 @@ fi
 # shellcheck disable=SC2086  # GPU_CHECK_BENCH(_ARGS) are word lists
 step benchmarks 300 "$PY" -m pytest ${GPU_CHECK_BENCH:-benchmarks} -q -p no:cacheprovider -rs --bench-out "$OUT" \
     "${BENCH_ARGS[@]}" ${GPU_CHECK_BENCH_ARGS:-}
+
+# Which LoRA path each benchmarked shape ran, with both measured times (the rows' info has them too).
+# Informational: never changes the exit status.
+echo "=== LoRA GPU path per shape class (tunefast/ops/lora_path.py)"
+timeout 30 "$PY" -c "from tunefast.ops import lora_path; print(*lora_path.describe(), sep='\n')" \
+    || echo "(the LoRA path choices could not be read)"
 
 echo "=== gpu_check done: exit status $STATUS after $(($(date +%s) - START))s; results in $OUT"
 exit "$STATUS"

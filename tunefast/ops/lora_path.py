@@ -247,6 +247,12 @@ def choices() -> list[tuple[str, Choice]]:
         return [(k, c) for k, (_, c) in _CHOICES.items()]
 
 
+def entries() -> list[tuple[ShapeClass, Choice]]:
+    """This process's choices with their shape classes (for filtering, e.g. by the benchmarks)."""
+    with _LOCK:
+        return list(_CHOICES.values())
+
+
 # ----------------------------------------------------------------------------------------------------
 # Disk cache
 # ----------------------------------------------------------------------------------------------------
