@@ -1,11 +1,14 @@
-"""tunefast.patch fuses the LM-head loss of Hugging Face causal LMs: same loss and gradients as unpatched
-PEFT in training, untouched logits and generation in eval, reversible.
+"""tunefast.patch fuses the LM-head loss of Hugging Face causal LMs (on by default): same loss and
+gradients as unpatched PEFT in training, untouched logits and generation in eval, PEFT's plain model
+back from merge_and_unload / unload, PEFT's path for dtypes the op lacks, reversible.
 
 Families: Llama (untied and tied heads), Qwen2, GPT-2 (tied, Conv1D body), Gemma-2 (final logit
 softcapping), BioGPT (head called ``output_projection``), all tiny and built from configs.
 """
 
 import copy
+import inspect
+import threading
 
 import peft
 import pytest
@@ -22,8 +25,8 @@ LOSS_RTOL, GRAD_TOL = 1e-5, 1e-4
 
 
 @pytest.fixture(autouse=True)
-def _fused_head_on(monkeypatch):
-    monkeypatch.setenv(lm_head.ENABLE_ENV, "1")  # opt-in for now (see tunefast/patching/lm_head.py)
+def _no_env_override(monkeypatch):
+    monkeypatch.delenv(lm_head.ENABLE_ENV, raising=False)  # the default (on) is what these tests check
 
 EXTRA_FAMILIES = {
     "llama_tied": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
@@ -196,19 +199,172 @@ def test_unknown_logit_post_processing_is_skipped():
     assert any("logits.clamp" in e.reason for e in report.skipped), report
 
 
-def test_unpatch_restores_the_forward():
-    model = lora("llama")
-    lm = model.base_model.model
-    original = type(lm)
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+def test_unpatch_restores_the_forward(kind):
+    """LoRA: PEFT's tuner (LoraModel) is the swapped module, so unloading leaves nothing behind; prompt
+    learning: the causal LM itself."""
+    model = lora("llama") if kind == "lora" else _prompt_learning(kind)
+    swapped = model.base_model
+    original = type(swapped)
     tunefast.patch(model, backend="reference")
-    assert type(lm) is not original and lm_head._STATE in lm.__dict__
+    assert type(swapped) is not original and lm_head._STATE in swapped.__dict__
     tunefast.unpatch(model)
-    assert type(lm) is original and lm_head._STATE not in lm.__dict__
+    assert type(swapped) is original and not any(lm_head._STATE in vars(m) for m in model.modules())
     model.train()
     assert model(**M.batch("llama")).logits is not None
 
 
-def test_off_without_the_opt_in(monkeypatch):
-    monkeypatch.delenv(lm_head.ENABLE_ENV)
-    report = tunefast.patch(lora("llama"), backend="reference")
-    assert head_entries(report) == ([], [])
+def _prompt_learning(kind):
+    if kind == "prefix":
+        return PM.prefix_model("llama")
+    return PM.prompt_model("llama", {"prompt": "prompt", "p_tuning": "p_tuning"}[kind])
+
+
+def test_lm_head_false_and_the_env_override_leave_the_head_alone(monkeypatch):
+    for off in ("argument", "env"):
+        model = lora("llama")
+        lm, tuner = model.base_model.model, model.base_model
+        classes = (type(lm), type(tuner))
+        if off == "env":
+            monkeypatch.setenv(lm_head.ENABLE_ENV, "0")
+        report = tunefast.patch(model, backend="reference", lm_head=off == "env")
+        assert head_entries(report) == ([], []) and len(report.patched) == 4, report
+        assert (type(lm), type(tuner)) == classes and not lm_head.is_fused(model)
+        model.train()
+        assert model(**M.batch("llama")).logits is not None
+        monkeypatch.delenv(lm_head.ENABLE_ENV, raising=False)
+    fused = lora("llama")
+    tunefast.patch(fused, backend="reference")
+    with pytest.raises(ValueError, match="lm_head=False"):
+        tunefast.patch(fused, backend="reference", lm_head=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64])
+def test_dtype_the_op_lacks_runs_peft_head_per_call(dtype):
+    """Moved to float64 after patch: PEFT's head and loss run (logits returned); back to fp32: fused again."""
+    reference = lora("llama")
+    model = copy.deepcopy(reference)
+    tunefast.patch(model, backend="reference")
+    inputs = M.batch("llama")
+    for m in (model, reference):
+        m.to(dtype).train()
+    out, grads = step(model, inputs)
+    want, want_grads = step(reference, inputs)
+    assert out.logits is not None and out.logits.dtype == dtype  # PEFT's head ran (HF's loss is fp32 anyway)
+    assert torch.equal(out.loss, want.loss) and torch.equal(out.logits, want.logits)
+    assert grads.keys() == want_grads.keys() and grads
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-10, atol=1e-12)
+    for m in (model, reference):
+        m.to(torch.float32)
+    assert_same_training_step(model, reference, inputs)
+
+
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload"])
+def test_merge_and_unload_returns_the_plain_transformers_model(unload):
+    reference = lora("llama")
+    model = copy.deepcopy(reference)
+    tunefast.patch(model, backend="reference")
+    model.train(), reference.train()
+    assert_same_training_step(model, reference, M.batch("llama"))  # fused before unloading
+    plain, want = getattr(model, unload)(), getattr(reference, unload)()
+    assert type(plain) is type(want) is tf.LlamaForCausalLM
+    assert type(plain.lm_head) is torch.nn.Linear and "forward" not in vars(plain.lm_head)
+    assert not any(lm_head._STATE in vars(m) for m in plain.modules())
+    plain.train(), want.train()
+    inputs = M.batch("llama")
+    out, got = plain(**inputs), want(**inputs)
+    assert out.logits is not None
+    torch.testing.assert_close(out.logits, got.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, got.loss, rtol=LOSS_RTOL, atol=0)
+    tunefast.unpatch(model)  # the PeftModel it came from still unpatches cleanly
+    assert type(model.base_model) is peft.LoraModel
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix", "prompt", "p_tuning"])
+def test_eval_forward_and_generate_equal_peft(kind):
+    """Eval forwards (with and without labels) give PEFT's logits and loss; greedy generate() gives PEFT's
+    tokens, in eval and in training mode (generate never passes labels)."""
+    reference = lora("llama") if kind == "lora" else _prompt_learning(kind)
+    model = copy.deepcopy(reference)
+    report = tunefast.patch(model, backend="reference")
+    assert len(head_entries(report)[0]) == 1, report
+    inputs = M.batch("llama")
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        out, want = model(**inputs), reference(**inputs)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, want.loss, rtol=LOSS_RTOL, atol=0)
+    prompt = inputs["input_ids"][1:, :4]
+    for mode in ("eval", "train"):
+        model.train(mode == "train"), reference.train(mode == "train")
+        with torch.no_grad():
+            gen = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False)
+            assert torch.equal(gen, reference.generate(input_ids=prompt, max_new_tokens=5, do_sample=False)), mode
+    model.train(), reference.train()
+    assert_same_training_step(model, reference, inputs)
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+def test_forward_signature_seen_by_trainer_and_generate(kind):
+    """Trainer keeps the dataset columns the base model's forward names (a bare (*args, **kwargs) made it
+    drop input_ids); generate() validates its arguments against the same signature."""
+    model = lora("llama") if kind == "lora" else _prompt_learning(kind)
+    want = list(inspect.signature(model.get_base_model().forward).parameters)
+    tunefast.patch(model, backend="reference")
+    got = list(inspect.signature(model.get_base_model().forward).parameters)
+    assert got == want and "input_ids" in got and "labels" in got
+
+
+def test_prompt_tuning_trainer_steps_equal_peft(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(0, M.VOCAB, (8, 10), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    losses = []
+    for patched in (False, True):
+        model = _prompt_learning("prompt")
+        if patched:
+            tunefast.patch(model, backend="reference")
+        args = TrainingArguments(output_dir=str(tmp_path / str(patched)), max_steps=3, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                 seed=0, data_seed=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[1]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_threads_share_a_patched_model():
+    """A fused training forward in one thread and eval forwards of the same model in others: each gets
+    what it would get alone (the head's input is captured for the calling thread only)."""
+    reference = lora("llama")
+    model = copy.deepcopy(reference)
+    tunefast.patch(model, backend="reference")
+    inputs = M.batch("llama")
+    no_labels = {k: v for k, v in inputs.items() if k != "labels"}
+    model.train(), reference.train()
+    with torch.no_grad():
+        want_loss, want_logits = reference(**inputs).loss, reference(**no_labels).logits
+    results, errors = [], []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                with torch.no_grad():
+                    out = model(**(inputs if i % 2 == 0 else no_labels))
+                results.append((i % 2, out.loss if i % 2 == 0 else out.logits))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 12
+    for labels, value in results:
+        torch.testing.assert_close(value, want_loss if labels == 0 else want_logits, rtol=1e-5, atol=1e-6)
+    assert "forward" not in vars(model.base_model.model.lm_head)

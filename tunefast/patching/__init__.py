@@ -13,6 +13,7 @@ import warnings
 from torch import nn
 
 from .. import backend as _backend
+from . import lm_head as _lm_head
 from . import state as _state
 from .registry import Patch, handler_for, is_patched, model_handlers, swap_in, swap_out
 from .report import PatchedEntry, PatchReport, SkippedEntry
@@ -52,13 +53,18 @@ def _current(model: nn.Module) -> _state.PatchState | None:
     return state
 
 
-def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
+def patch(model: nn.Module, backend: str = "auto", *, lm_head: bool = True) -> PatchReport:
     """Route every supported PEFT layer of ``model`` through tunefast's fused kernels, in place.
 
     Args:
         model: a ``peft.PeftModel`` or any ``nn.Module`` containing PEFT tuner layers.
         backend: "auto" (Triton on CUDA tensors, or on CPU under TRITON_INTERPRET=1; else the
             plain-PyTorch reference), "triton" or "reference".
+        lm_head: fuse the output head and loss of the causal LM inside ``model`` (tunefast/patching/lm_head.py):
+            in training mode with ``labels`` the loss is computed without the (tokens x vocab) logits and
+            ``outputs.logits`` is None; in eval mode or without labels the model returns full logits. False
+            leaves the head exactly as PEFT runs it. The environment variable TUNEFAST_FUSED_LM_HEAD=0 turns
+            it off whatever this argument says.
 
     Returns:
         A :class:`PatchReport` listing each patched module with its kernel and each skipped one with
@@ -69,6 +75,7 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
     """
     _check_model(model)
     _backend.check_backend_name(backend)
+    fuse_head = _lm_head.enabled(lm_head)
     previous = _current(model)
     if previous is not None:
         if previous.backend != backend:
@@ -76,6 +83,9 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
                 f"model is already patched with backend={previous.backend!r}; call tunefast.unpatch(model) "
                 f"before patching with backend={backend!r}"
             )
+        if _lm_head.is_fused(model) and not fuse_head:
+            raise ValueError("model is already patched with its LM head fused; call tunefast.unpatch(model) before "
+                             "patching with lm_head=False")
         return previous.report
     device = _model_device(model)
     if backend == "triton" and device is not None:
@@ -83,6 +93,8 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
 
     report = PatchReport(backend=backend)
     for model_handler in model_handlers(model):
+        if model_handler.apply is _lm_head.apply and not fuse_head:
+            continue
         for entry in model_handler.apply(model, backend) or ():
             (report.patched if isinstance(entry, PatchedEntry) else report.skipped).append(entry)
     for name, module in model.named_modules():

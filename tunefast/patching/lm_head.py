@@ -1,23 +1,30 @@
 """Causal-LM heads -> the fused LM-head loss (tunefast/ops/linear_cross_entropy.py).
 
-One mechanism for every Hugging Face causal LM, whatever it wraps (PEFT LoRA, prefix / prompt tuning,
-tunefast sparse deltas): the causal LM's class is swapped for one whose forward, in training mode with
-``labels``, runs the model's *own* forward without labels while its output head (found through
-``get_output_embeddings()``, never by attribute name) is briefly replaced by :class:`_HeadInput`, which
-keeps its input and returns zero-width logits (B, T, 0). Whatever the forward does to the logits after
-the head (Gemma-2's softcapping, slicing) then runs on nothing; the loss is formed from the kept
-input by ``linear_cross_entropy`` with transformers' shift, ignore_index -100 and ``num_items_in_batch``
-(ForCausalLMLoss), and ``outputs.logits`` is None, as Liger does. In eval mode or without labels the
-original forward runs untouched (full logits for Trainer.evaluate and generate).
+One mechanism for every Hugging Face causal LM, whatever it wraps (PEFT LoRA and the other injected
+methods, prefix / prompt / P-tuning, tunefast sparse deltas). In training mode with ``labels`` the causal
+LM's *own* forward runs without labels while its output head (found through ``get_output_embeddings()``,
+never by attribute name) keeps its input and returns zero-width logits (B, T, 0): whatever the forward
+does to the logits after the head (Gemma-2's softcapping, slicing) then runs on nothing, and the loss
+is formed from the kept input by ``linear_cross_entropy`` with transformers' shift, ignore_index -100
+and ``num_items_in_batch`` (ForCausalLMLoss). ``outputs.logits`` is then None, as Liger does. In eval
+mode, without labels, under torch.compile, or when the head's dtype is one the op lacks (float64), the
+original forward runs untouched: PEFT's head and loss, full logits.
+
+Which module's class is swapped (``_controller``): PEFT's tuner (LoraModel, ...) when one wraps the
+causal LM, since ``merge_and_unload()`` / ``unload()`` return the tuner's ``.model``: the merged model
+is then the plain transformers class with nothing of tunefast in it. Otherwise (prompt learning, whose
+PeftModel calls the causal LM directly; a plain or sparse model) the causal LM itself; its swapped
+forward carries the original's signature (``__wrapped__``), which Trainer reads to keep dataset columns
+and generate() to validate its arguments. The head is never swapped or replaced: for the length of one
+fused forward it gets an instance ``forward`` that captures its input for the calling thread only
+(another thread running the same head meanwhile gets its ordinary logits).
 
 What a forward does to the logits after the head must be known: the facts come from the config
 (``LOGIT_FACTS``), and a forward whose source assigns ``logits`` in any other way is skipped with the
 line quoted, as is a model whose loss is not transformers' ForCausalLMLoss.
 
-Opt-in for now: ``tunefast.patch`` fuses the head only when TUNEFAST_FUSED_LM_HEAD=1 is set (read at
-patch time). Other tests still count report entries without the head entry, and the Hugging Face
-Trainer path fails with it ("exactly one of input_ids or inputs_embeds", tests/test_trainer.py): the
-default flips once both are settled.
+On by default: ``tunefast.patch(model, lm_head=False)`` leaves heads alone; TUNEFAST_FUSED_LM_HEAD=0 in
+the environment does the same whatever the argument (side-by-side comparisons without code changes).
 
 Caution: with bf16/fp16 heads the fused loss accumulates the logits in fp32 (Triton) where the
 unfused head rounds them to bf16 first: equal to PEFT's loss to bf16 rounding, not bit for bit.
@@ -26,20 +33,24 @@ unfused head rounds them to bf16 first: equal to PEFT's loss to bf16 rounding, n
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import re
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import backend as _backend
-from .registry import swap_in
+from ..ops._checks import SUPPORTED_DTYPES
+from .registry import original_class, swap_in
 from .report import PatchedEntry, SkippedEntry
 
-ENABLE_ENV = "TUNEFAST_FUSED_LM_HEAD"  # "1": patch() fuses causal-LM heads (see the module docstring)
-_STATE = "_tunefast_lm_head"  # in the swapped causal LM's __dict__ while patched
+ENABLE_ENV = "TUNEFAST_FUSED_LM_HEAD"  # "0": patch() leaves heads alone (see the module docstring)
+_STATE = "_tunefast_lm_head"  # in the swapped module's __dict__ while patched
 IGNORE_INDEX = -100  # transformers' ForCausalLMLoss default
 
 # Config field -> how the forward post-processes the logits (checked in every tested family's source):
@@ -55,17 +66,45 @@ LOGIT_FACTS = {
 _KNOWN_LOGITS_LINES = re.compile(r"softcap|tanh\(logits\)|logit_scale|logits_scaling|\.float\(\)$")
 
 
-class _HeadInput(nn.Module):
-    """Stands in for the output head during a fused training forward: keeps the head's input and
-    returns zero-width logits, so no (B, T, V) tensor is formed."""
+# ----------------------------------------------------------------------------------------------------
+# Capturing the head's input for one forward, in one thread
+# ----------------------------------------------------------------------------------------------------
 
-    def __init__(self):
-        super().__init__()
-        self.x = None
+_LOCAL = threading.local()  # .slots: {id(head): [captured inputs]} of this thread's fused forwards
+_INSTALL_LOCK = threading.Lock()
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()  # head -> fused forwards in flight
 
-    def forward(self, x):
-        self.x = x
-        return x.new_empty((*x.shape[:-1], 0))
+
+def _captured_forward(head, x):
+    """The head's forward during a fused forward: the calling thread's input is kept and (B, T, 0)
+    logits returned; any other thread gets the head's ordinary output."""
+    slot = getattr(_LOCAL, "slots", {}).get(id(head))
+    if slot is None:
+        return type(head).forward(head, x)
+    slot.append(x)
+    return x.new_empty((*x.shape[:-1], 0))
+
+
+@contextlib.contextmanager
+def _capturing(head: nn.Module):
+    """Within the block, this thread's calls of ``head`` are captured (yields the list they go to)."""
+    slots = _LOCAL.__dict__.setdefault("slots", {})
+    if id(head) in slots:
+        raise RuntimeError("a fused LM-head forward re-entered itself on the same head in one thread")
+    slot = slots[id(head)] = []
+    with _INSTALL_LOCK:
+        if _ACTIVE.get(head, 0) == 0:
+            head.forward = functools.partial(_captured_forward, head)  # an instance attribute, shadows the class's
+        _ACTIVE[head] = _ACTIVE.get(head, 0) + 1
+    try:
+        yield slot
+    finally:
+        del slots[id(head)]
+        with _INSTALL_LOCK:
+            _ACTIVE[head] -= 1
+            if _ACTIVE[head] == 0:
+                del _ACTIVE[head]
+                del head.forward
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,12 +123,27 @@ def _causal_lm_class_names() -> set[str]:
 
 def _find_causal_lm(model: nn.Module):
     names = _causal_lm_class_names()
-    from .registry import original_class
-
     for m in model.modules():
         if original_class(m).__name__ in names and hasattr(m, "get_output_embeddings"):
             return m
     return None
+
+
+def _controller(model: nn.Module, lm: nn.Module) -> nn.Module:
+    """The module whose forward is swapped: the PEFT tuner whose ``.model`` is ``lm`` (its forward passes
+    its arguments through to ``lm``), else ``lm`` (see the module docstring)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return lm
+    for m in model.modules():
+        if isinstance(m, BaseTuner) and m.__dict__.get("_modules", {}).get("model") is lm:
+            return m
+    return lm
+
+
+def _lm_of(controller: nn.Module) -> nn.Module:
+    return controller.__dict__["_modules"]["model"] if controller.__dict__.get(_STATE, {}).get("tuner") else controller
 
 
 def _owner(root: nn.Module, module: nn.Module):
@@ -125,26 +179,27 @@ def _head_blocker(head) -> str | None:
 def _forward_blocker(lm, head_attr: str) -> str | None:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
+    cls = original_class(lm)
     if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
         return f"the model's loss is {getattr(lm.loss_function, '__name__', lm.loss_function)!r}, not ForCausalLMLoss"
-    src = _forward_source(type(lm))
+    src = _forward_source(cls)
     if "self.loss_function(" not in src:
-        return f"{type(lm).__name__}.forward computes its loss itself, not through self.loss_function"
-    if "labels" not in inspect.signature(type(lm).forward).parameters:
-        return f"{type(lm).__name__}.forward takes no labels argument"
+        return f"{cls.__name__}.forward computes its loss itself, not through self.loss_function"
+    if "labels" not in inspect.signature(cls.forward).parameters:
+        return f"{cls.__name__}.forward takes no labels argument"
     for line in src.splitlines():
         s = line.strip()
         assigns = re.match(r"logits\s*(\[.*\])?\s*(=|\*=|/=|\+=)(?!=)", s) and not re.fullmatch(r"logits\s*=\s*logits,?", s)
         if assigns and f"self.{head_attr}(" not in s and "get_output_embeddings" not in s:
             if not _KNOWN_LOGITS_LINES.search(s):
-                return f"{type(lm).__name__}.forward post-processes the logits in a way the fact table does not cover: {s!r}"
+                return f"{cls.__name__}.forward post-processes the logits in a way the fact table does not cover: {s!r}"
     return None
 
 
 def _logit_facts(lm) -> dict:
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     facts = dict(softcap=None, logit_scale=1.0)
-    src = _forward_source(type(lm))
+    src = _forward_source(original_class(lm))
     for field, kind in LOGIT_FACTS.items():
         value = getattr(cfg, field, None)
         if value is None or field not in src:  # a field of that name the forward never reads
@@ -164,11 +219,19 @@ def _device(model):
     return torch.device("cpu")
 
 
+def enabled(lm_head: bool = True) -> bool:
+    """Whether patch() fuses heads: its ``lm_head`` argument, unless TUNEFAST_FUSED_LM_HEAD=0."""
+    return bool(lm_head) and os.environ.get(ENABLE_ENV, "1") != "0"
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether a patch of ``model`` fused its causal LM's head."""
+    return any(_STATE in m.__dict__ for m in model.modules())
+
+
 def apply(model, backend: str):
-    """Model handler: fuse the training loss of the causal LM inside ``model``; None if there is none
-    (or TUNEFAST_FUSED_LM_HEAD is not "1")."""
-    if os.environ.get(ENABLE_ENV, "0") != "1":
-        return None
+    """Model handler: fuse the training loss of the causal LM inside ``model``; None if there is none.
+    patch() calls it only when :func:`enabled`."""
     lm = _find_causal_lm(model)
     if lm is None or _is_side_model(model):
         return None
@@ -181,9 +244,12 @@ def apply(model, backend: str):
     if reason is not None:
         return [SkippedEntry(name, reason)]
     facts = _logit_facts(lm)
-    labels_pos = list(inspect.signature(type(lm).forward).parameters).index("labels") - 1  # after self
-    swap_in(lm, lm_forward, backend)
-    lm.__dict__[_STATE] = dict(facts=facts, labels_pos=labels_pos)
+    cls = original_class(lm)
+    labels_pos = list(inspect.signature(cls.forward).parameters).index("labels") - 1  # after self
+    controller = _controller(model, lm)
+    swap_in(controller, fused_forward, backend)
+    _sign(type(controller), original_class(controller))
+    controller.__dict__[_STATE] = dict(facts=facts, labels_pos=labels_pos, tuner=controller is not lm)
     detail = ["training loss fused, no logits kept; eval / no labels: full logits"]
     if facts["softcap"]:
         detail.append(f"final logit softcap {facts['softcap']:g}")
@@ -194,6 +260,21 @@ def apply(model, backend: str):
         detail.append("weight tied to the input embeddings")
     kernel = f"linear_cross_entropy[{_backend.resolve(backend, _device(model))}]"
     return [PatchedEntry(name, kernel, "; ".join(detail))]
+
+
+def _sign(fast: type, original: type) -> None:
+    """Give the swapped class a forward with ``original.forward``'s signature (inspect follows
+    ``__wrapped__``): Trainer drops the dataset columns the base model's forward does not name (with a
+    bare ``(*args, **kwargs)`` it dropped input_ids), and generate() checks its arguments against it."""
+    if "__wrapped__" in getattr(fast.__dict__.get("forward"), "__dict__", {}):
+        return
+
+    def forward(self, *args, **kwargs):
+        return fused_forward(self, *args, **kwargs)
+
+    forward.__doc__ = fused_forward.__doc__
+    forward.__wrapped__ = original.forward
+    fast.forward = forward
 
 
 def _is_side_model(model) -> bool:
@@ -216,45 +297,46 @@ def register_handlers() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The patched causal-LM forward
+# The patched forward (of the tuner wrapping the causal LM, or of the causal LM)
 # ----------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _head_replaced(lm, stand_in):
+def _op_dtype(head):
+    """The dtype nn.Linear would multiply the head in (under autocast: the autocast dtype, except for
+    float64, which autocast leaves alone), or None when linear_cross_entropy lacks it."""
+    w = head.weight
+    dev = w.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and w.dtype != torch.float64 else w.dtype
+    return dt if dt in SUPPORTED_DTYPES else None
+
+
+def _fuses(self, lm, state, args, kwargs):
+    """The head to fuse for this call, or None: PEFT's own forward runs."""
+    if (state is None or kwargs.get("labels") is None or not lm.training or len(args) > state["labels_pos"]
+            or kwargs.get("return_dict") is False or torch.compiler.is_compiling()):
+        return None
     head = lm.get_output_embeddings()
-    owner = _owner(lm, head)
-    _, parent, attr = owner
-    parent._modules[attr] = stand_in
-    try:
-        yield head
-    finally:
-        parent._modules[attr] = head
+    if _head_blocker(head) is not None or _op_dtype(head) is None:  # e.g. the model moved to float64
+        return None
+    return head
 
 
-def _low_precision_inputs(x, head):
-    """x, weight, bias as nn.Linear would multiply them (under autocast: the autocast dtype)."""
-    w, b = head.weight, head.bias
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return x.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
-    return x.to(w.dtype) if x.dtype != w.dtype else x, w, b
-
-
-def lm_forward(self, *args, **kwargs):
-    """Forward of a patched causal LM (see the module docstring)."""
+def fused_forward(self, *args, **kwargs):
+    """Forward of the patched module (see the module docstring)."""
     state = self.__dict__.get(_STATE)
-    original = self._tunefast_original_class.forward
-    labels = kwargs.get("labels")
-    if (state is None or labels is None or not self.training or len(args) > state["labels_pos"]
-            or kwargs.get("return_dict") is False):
+    original = original_class(self).forward
+    lm = _lm_of(self) if state is not None else self
+    head = _fuses(self, lm, state, args, kwargs)
+    if head is None:
         return original(self, *args, **kwargs)
+    labels = kwargs["labels"]
     kwargs = dict(kwargs, labels=None)
-    stand_in = _HeadInput()
-    with _head_replaced(self, stand_in) as head:
+    with _capturing(head) as slot:
         out = original(self, *args, **kwargs)
-    x = stand_in.x
+    if len(slot) != 1:
+        raise RuntimeError(f"{type(lm).__name__}.forward called its head {len(slot)} times; the fused LM-head loss "
+                           "expects one call (patch with lm_head=False for this model)")
+    x = slot[0]
     shift_labels = kwargs.get("shift_labels")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -262,7 +344,7 @@ def lm_forward(self, *args, **kwargs):
     if targets.shape[0] != x.shape[:-1].numel():  # e.g. logits_to_keep with labels: HF's own loss fails too
         raise ValueError(f"labels give {targets.shape[0]} targets but the head saw {x.shape[:-1].numel()} positions "
                          f"(hidden {tuple(x.shape)}); pass logits_to_keep=0 when training with labels")
-    xs, w, b = _low_precision_inputs(x.reshape(-1, x.shape[-1]), head)
+    xs, w, b = _op_inputs(x.reshape(-1, x.shape[-1]), head)
     from ..ops.linear_cross_entropy import linear_cross_entropy
 
     facts = state["facts"]
@@ -271,3 +353,15 @@ def lm_forward(self, *args, **kwargs):
                                 logit_scale=facts["logit_scale"], backend=self._tunefast_backend)
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     return type(out)(loss=loss, logits=None, **fields)
+
+
+def _op_inputs(x, head):
+    """x, weight, bias as nn.Linear would multiply them (under autocast: the autocast dtype)."""
+    w, b = head.weight, head.bias
+    dt = _op_dtype(head)
+    if dt != w.dtype:  # autocast
+        return x.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
+    if x.dtype != w.dtype:  # nn.Linear refuses mixed dtypes outside autocast: raise the same error as PEFT
+        F.linear(x[:1], w, b)
+        x = x.to(w.dtype)
+    return x, w, b
