@@ -41,7 +41,7 @@ def _run(out, patch, resume=None):
 def test_trainer_trains_evaluates_saves_and_resumes(tmp_path):
     want, want_eval, _, _ = _run(tmp_path / "peft", patch=False)
     got, got_eval, report, model = _run(tmp_path / "tunefast", patch=True)
-    assert report is not None and len(report.patched) == 6 and tunefast.get_report(model) is report
+    assert report is not None and len(report.patched) == 7 and tunefast.get_report(model) is report  # 6 LoRA + the head
     assert sorted(got) == list(range(1, 7))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-4), (step, got, want)
