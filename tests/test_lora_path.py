@@ -159,6 +159,29 @@ def test_col_scale_recompute_all_branch_matches_the_indexed_one():
     assert torch.isfinite(indexed).all() and indexed[[2, 7]].abs().min() > 0
 
 
+def test_col_scale_gradient_under_compile_with_zero_entries():
+    """Traced (no values to look at), the zero columns are unknown: z is recomputed whole, same dg."""
+    x, w, b, a, bb = _make((11,), 24, 20, [4], torch.float32)
+    g = torch.rand(20) + 0.5
+    g[[1, 19]] = 0.0
+
+    def run(compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, a[0], bb[0], g)]
+
+        def f(x_, a_, b_, g_):
+            y, _ = torch.ops.tunefast.lora_linear_fwd(x_, w, b, [a_], [b_], [0.5], [0.0], None, g_, "reference")
+            return y
+
+        fn = torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f
+        fn(*leaves).pow(2).sum().backward()
+        return [t.grad for t in leaves]
+
+    eager, compiled = run(False), run(True)
+    assert torch.isfinite(compiled[-1]).all()
+    for name, got, want in zip(["dx", "dA", "dB", "dg"], compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def _saved_storages(fn):
     ptrs = []
 
@@ -292,6 +315,10 @@ def test_override_wins_over_the_measurement(monkeypatch, ran):
         monkeypatch.setenv(lp.ENV, "auto")
         _layer()()
         assert ran["fwd:cublas"] == before["fwd:cublas"] + 2  # back to the cached measurement
+        monkeypatch.setenv(lp.ENV, "triton")
+        lp.set_lora_path("auto")  # the setter's "auto" also wins over the variable: the measurement
+        _layer()()
+        assert ran["fwd:cublas"] == before["fwd:cublas"] + 3
     assert clock.timed == ["triton", "cublas"]  # overrides never time
 
 

@@ -306,9 +306,9 @@ def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seed
         "triton": lambda: _fused_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale),
         "cublas": lambda: _cublas_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale),
     }
-    sc = lora_path.shape_class("fwd", m, n, k, [a.shape[0] for a in lora_a], x2d.dtype, lora_a[0].dtype,
-                               any(p > 0 for p in dropout_p), col_scale is not None, x2d.device)
-    return runners[lora_path.choose(sc, runners, x2d.device)](), xas
+    path = lora_path.pick("fwd", m, n, k, tuple(a.shape[0] for a in lora_a), x2d.dtype, lora_a[0].dtype,
+                          any(p > 0 for p in dropout_p), col_scale is not None, x2d.device, runners)
+    return runners[path](), xas
 
 
 def _fused_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale):
@@ -371,9 +371,9 @@ def _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p
         "triton": lambda: _fused_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds),
         "cublas": lambda: _cublas_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds),
     }
-    sc = lora_path.shape_class("dx", m, n, k, [a.shape[0] for a in lora_a], dy2d.dtype, lora_a[0].dtype,
-                               any(p > 0 for p in dropout_p), False, dy2d.device)
-    return runners[lora_path.choose(sc, runners, dy2d.device)](), das, dbs
+    path = lora_path.pick("dx", m, n, k, tuple(a.shape[0] for a in lora_a), dy2d.dtype, lora_a[0].dtype,
+                          any(p > 0 for p in dropout_p), False, dy2d.device, runners)
+    return runners[path](), das, dbs
 
 
 def _fused_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds):

@@ -97,6 +97,7 @@ class Choice:
 
 _LOCK = threading.Lock()
 _CHOICES: dict[str, tuple[ShapeClass, Choice]] = {}  # ShapeClass.text() -> (class, choice), this process
+_FAST: dict[tuple, str] = {}  # pick()'s raw key (+ timer / autotune state) -> path, for decided launches
 _override: Optional[str] = None
 _timer: Optional[Timer] = None
 _disk_loaded: Optional[dict] = None  # text -> Choice from the file, read once
@@ -167,6 +168,7 @@ def set_timer(timer: Optional[Timer]) -> Optional[Timer]:
     None restores CUDA events on CUDA devices and the rule elsewhere. Returns the previous timer."""
     global _timer
     previous, _timer = _timer, timer
+    _FAST.clear()  # decisions the rule made without a timer may now be measured
     return previous
 
 
@@ -175,6 +177,7 @@ def clear(memory_only: bool = True) -> None:
     global _disk_loaded
     with _LOCK:
         _CHOICES.clear()
+        _FAST.clear()
         _disk_loaded = None
     if not memory_only:
         with contextlib.suppress(FileNotFoundError):
@@ -200,18 +203,42 @@ def cuda_event_timer(path: str, fn: Callable[[], object], warmup: int = WARMUP, 
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def _autotune_on() -> bool:
-    from ..kernels import launch
+@functools.cache
+def _launch():
+    from ..kernels import launch  # imports triton: only where a Triton path runs
 
-    return launch.autotune_enabled()
+    return launch
+
+
+def _autotune_on() -> bool:
+    return _launch().autotune_enabled()
+
+
+def pick(op: str, m: int, n: int, k: int, ranks: tuple, dtype: torch.dtype, adapter_dtype: torch.dtype,
+         dropout: bool, col_scale: bool, device: torch.device, runners: Mapping[str, Callable[[], object]]) -> str:
+    """:func:`choose` for one launch, from its raw sizes. A decided launch costs a dict lookup on a
+    plain tuple (building the :class:`ShapeClass` and its text cost ~30 us a call on the CPU box:
+    twice per layer per step)."""
+    chosen = mode()
+    if chosen != "auto":
+        return chosen
+    fast = (op, max(m - 1, 0).bit_length(), n, k, ranks, dtype, adapter_dtype, dropout, col_scale, device,
+            _timer is not None, _autotune_on())
+    path = _FAST.get(fast)
+    if path is None:
+        sc = shape_class(op, m, n, k, ranks, dtype, adapter_dtype, dropout, col_scale, device)
+        path = choose(sc, runners, device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _FAST[fast] = path
+    return path
 
 
 def choose(sc: ShapeClass, runners: Mapping[str, Callable[[], object]], device: torch.device) -> str:
     """The path to run for ``sc`` (see the module docstring for the order). ``runners`` maps each of
     :data:`PATHS` to a call that runs that path once on the real inputs (used only for timing)."""
-    m = mode()
-    if m != "auto":
-        return m
+    chosen = mode()
+    if chosen != "auto":
+        return chosen
     key = sc.text()
     hit = _CHOICES.get(key)
     if hit is not None and hit[1].how != "rule":
