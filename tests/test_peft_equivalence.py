@@ -130,7 +130,18 @@ class Twin:
             if not cache:
                 out, grads = _run(copy.deepcopy(self.ref).double(), self.inputs, oracle_context, extra)
                 cache.append({**out, **{f"grad {n}": g for n, g in grads.items()}})
+                cache.append([])
             return cache[0]
+
+        def spread():  # PEFT with every LoRA layer's output moved by +-1 ulp, SPREAD_RUNS times
+            oracle()
+            if not cache[1] and low:
+                for seed in range(SPREAD_RUNS):
+                    out, grads = _run(_ulp_perturbed(self.ref, seed), self.inputs, context, extra)
+                    cache[1].append({**out, **{f"grad {n}": g for n, g in grads.items()}})
+            return cache[1]
+
+        oracle.spread = spread
 
         _assert_same(out1, out0, grads1, grads0, oracle, self.where(), low)
 
@@ -171,7 +182,35 @@ def _close(got, want, what, where, low=None, oracle=None, factor=LOW_PRECISION_F
     scale = max(exact.abs().max().item(), 1e-6)
     err, torch_err = max_err(got, exact), max_err(want, exact)
     bound = factor * torch_err + LOW_PRECISION_FLOOR[low] * scale
+    if err > bound and hasattr(oracle, "spread"):
+        # PEFT's own error is one sample; where the model is ill-conditioned it varies with rounding.
+        spread_errs = [max_err(run[what], exact) for run in oracle.spread() if run.get(what) is not None]
+        torch_err = max([torch_err, *spread_errs])
+        bound = factor * torch_err + LOW_PRECISION_FLOOR[low] * scale
     assert err <= bound, f"{what}: {low} error {err:.3g} > {factor} x PEFT's {torch_err:.3g} (+floor); {where}"
+
+
+SPREAD_RUNS = 4  # perturbed PEFT runs per comparison that needs them (bf16 / fp16 only)
+
+
+def _ulp_perturbed(model, seed):
+    """A copy of PEFT's ``model`` whose LoRA layers' outputs each move by -1, 0 or +1 ulp (random per
+    entry): what a different but exact-to-rounding summation order does. Seen on T5 in fp16 (the slow
+    walk, seed 10): one such nudge to one encoder layer moves PEFT's own decoder gradients from 0.00027 to
+    0.0034 away from the fp64 oracle in 2 of 4 draws, so PEFT's single error is no yardstick there; the
+    largest error over these runs is."""
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+
+    def nudge(module, args, out):
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        step = torch.finfo(out.dtype).eps * out.detach().abs().clamp_min(torch.finfo(out.dtype).tiny)
+        return out + (torch.randint(-1, 2, out.shape, generator=gen).to(out.dtype) * step).to(out.dtype)
+
+    for layer in _lora_layers(twin).values():
+        layer.register_forward_hook(nudge)
+    return twin
 
 
 def _assert_same(out1, out0, grads1, grads0, oracle, where, low):
@@ -193,8 +232,17 @@ def _assert_same(out1, out0, grads1, grads0, oracle, where, low):
         names = sorted(grads0)
         flat = {"grads": torch.cat([grads1[n].double().flatten() for n in names])}
         exact = torch.cat([oracle()[f"grad {n}"].flatten() for n in names])
+        def flat_oracle():
+            return {"all gradients": exact}
+
+        def flat_spread():
+            return [{"all gradients": torch.cat([run[f"grad {n}"].double().flatten() for n in names])}
+                    for run in oracle.spread()]
+
+        if hasattr(oracle, "spread"):
+            flat_oracle.spread = flat_spread
         _close(flat["grads"], torch.cat([grads0[n].double().flatten() for n in names]), "all gradients", where,
-               low, lambda: {"all gradients": exact})
+               low, flat_oracle)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -799,3 +847,18 @@ _NO_LM_HEAD = pytest.mark.skipif(not _HAS_FUSED_LM_HEAD, reason="the fused LM-he
                                   for k, (_, why) in KNOWN.items()])
 def test_known_divergence(name):
     KNOWN[name][0]()
+
+
+def test_low_precision_check_still_fails_beyond_peft_spread():
+    """The +-1 ulp spread widens the yardstick only to PEFT's own perturbed errors: an error beyond
+    those fails (so the widened check can fail)."""
+    exact = torch.linspace(-1, 1, 64, dtype=torch.float64)
+    want = (exact + 1e-4).to(torch.float16)
+
+    def oracle():
+        return {"g": exact}
+
+    oracle.spread = lambda: [{"g": (exact - 2e-4).to(torch.float16)}, {"g": (exact + 3e-4).to(torch.float16)}]
+    _close((exact + 2e-3).to(torch.float16), want, "g", "synthetic", torch.float16, oracle, 4.0)  # within 4 x 3e-4 + floor
+    with pytest.raises(AssertionError, match="error"):
+        _close((exact + 1e-2).to(torch.float16), want, "g", "synthetic", torch.float16, oracle, 4.0)

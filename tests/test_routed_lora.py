@@ -104,3 +104,41 @@ def test_opcheck_and_compile():
     torch.library.opcheck(
         oprl._routed_fwd, (x, torch.randn(6, 8), None, a, b, [1.0, 2.0], [0.0, 0.0], None, ids.reshape(-1), "reference")
     )
+
+
+def _two_adapter_gpt2():
+    import copy
+
+    import tunefast
+    from tests import models as M
+
+    ref = M.peft_model("gpt2", ["c_attn"], adapters=("a", "b"))
+    fast = copy.deepcopy(ref)
+    tunefast.patch(fast, backend="reference")
+    return ref, fast, M.batch("gpt2")
+
+
+def test_route_per_sequence_falls_back_to_peft_mixed_batch_when_a_layer_needs_peft_forward():
+    """A hook on lora_B makes that layer run PEFT's forward (so the hook fires); inside a per-sequence
+    route it must run PEFT's own mixed-batch forward (``adapter_names``), not raise or apply one adapter."""
+    import tunefast
+    from tests.test_patch_lora import assert_rel_close
+
+    ref, fast, inputs = _two_adapter_gpt2()
+    fired = []
+    for model in (ref, fast):
+        layer = model.base_model.model.transformer.h[1].attn.c_attn
+        layer.lora_B["b"].register_forward_hook(lambda m, i, o: (fired.append(1), o * 0.5)[1])
+    rows = ["a", "b"]
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        want = ref(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], adapter_names=rows).logits
+        n_ref = len(fired)
+        with tunefast.route(fast, torch.tensor([0, 1]), ["a", "b"]):
+            got = fast(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    assert len(fired) - n_ref == n_ref > 0, "the hook must fire in the routed forward as in PEFT's"
+    assert_rel_close(got, want, "per-sequence route with a hooked layer")
+    # per-token ids have no PEFT equivalent: that layer refuses instead of applying one adapter everywhere
+    with torch.no_grad(), tunefast.route(fast, torch.zeros_like(inputs["input_ids"]), ["a", "b"]):
+        with pytest.raises(RuntimeError, match="per-token ids"):
+            fast(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])

@@ -225,6 +225,15 @@ def routable(self, adapters) -> str | None:
     return None
 
 
+def _route_rows(route, x) -> list[str] | None:
+    """PEFT's ``adapter_names`` (one per sequence, "__base__" for -1) for a route with one id per
+    sequence of ``x``, or None for per-token routes (PEFT has no per-token forward)."""
+    names, ids = route
+    if not isinstance(x, torch.Tensor) or ids.dim() != 1 or x.dim() < 2 or ids.shape[0] != x.shape[0]:
+        return None
+    return [names[i] if i >= 0 else "__base__" for i in ids.tolist()]
+
+
 def fused_forward(self, x, *args, **kwargs):
     """Forward of a patched ``peft.tuners.lora.Linear``: the fused op, the routed op for mixed-adapter
     batches (PEFT's ``adapter_names=`` or :func:`tunefast.route`), or PEFT's forward (see report)."""
@@ -244,8 +253,11 @@ def fused_forward(self, x, *args, **kwargs):
             out = _fused_call(self, x) if route is None else _routed_call(self, x, *route)
     if out is None:
         if route is not None and not kwargs and not (self.disable_adapters or self.merged):
+            rows = _route_rows(route, x)
+            if rows is not None:  # one adapter per sequence: PEFT's own mixed-batch forward gives its numbers
+                return self._tunefast_original_class.forward(self, x, *args, adapter_names=rows)
             raise RuntimeError(
-                "tunefast.route is active but this LoRA layer cannot run routed on this call (input dtype "
+                "tunefast.route with per-token ids is active but this LoRA layer cannot run routed on this call (input dtype "
                 f"{getattr(x, 'dtype', type(x).__name__)} vs base weight {self.get_base_layer().weight.dtype}, a "
                 "trainable base weight, hooks on its adapter modules, or meta tensors): PEFT's forward would apply "
                 "the active adapter to every token"
