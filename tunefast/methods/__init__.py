@@ -2,7 +2,7 @@
 
     adapters/  bottleneck and parallel adapters (Houlsby, Pfeiffer, He et al.) on the fused adapter op
     patched/   PEFT's own LoRA-family and prompt-learning layers, patched by tunefast (tunefast.patch / unpatch)
-    prompt/    prompt methods (present when its folder is: written alongside this table)
+    prompt/    visual prompt tuning (VPT deep / shallow) on ViT-style models; listed when its folder is present
     side/      memory-saving side tuning: a small ladder side network on the no-grad backbone's hidden states
     sparse/    sparse fine-tuning: trainable sparse weight deltas (SDDMM gradients), merge / unmerge, composition
 
