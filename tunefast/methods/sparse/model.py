@@ -28,16 +28,15 @@ from .layer import SparseDelta, SparseLinear, transposed_storage, weight_nk
 from .selection import entries, gradient_indices, magnitude_indices, random_indices
 
 _CONFIGS = "_tunefast_sparse_configs"  # in model.__dict__: {delta name: SparseConfig.to_dict()}
-# in model.__dict__: [(parameter, requires_grad)] from before the first apply / load, restored when the
-# last delta is removed. Parameter objects, not names: wrapping renames a weight (``.base_layer.``), and
-# deepcopy maps the references to the copy's own parameters.
+# in model.__dict__: {parameter name: requires_grad} from before the first apply / load (no layer wrapped
+# yet, so the names are the model's own), restored when the last delta is removed and the names are back.
 _FLAGS = "_tunefast_sparse_flags"
 
 
 def record_flags(model: nn.Module) -> None:
     """Remember every parameter's requires_grad before sparse deltas change any (first call only)."""
     if _FLAGS not in model.__dict__:
-        model.__dict__[_FLAGS] = [(p, p.requires_grad) for p in model.parameters()]
+        model.__dict__[_FLAGS] = {n: p.requires_grad for n, p in model.named_parameters()}
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
@@ -334,8 +333,9 @@ def remove(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Mod
         configs.pop(n, None)
     if not sparse_layers(model):
         model.__dict__.pop(_CONFIGS, None)
-        for p, flag in model.__dict__.pop(_FLAGS, ()):
-            p.requires_grad_(flag)
+        flags = model.__dict__.pop(_FLAGS, {})
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
     return model
 
 
