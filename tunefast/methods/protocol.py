@@ -1,7 +1,7 @@
 """The method protocol: the one shape every tunefast method module has.
 
 A *method* is a module (``tunefast.adapters``, ``tunefast.sparse``, ``tunefast.side``,
-``tunefast.prompt``, and ``tunefast.methods.patched``: ``tunefast.patch`` / ``unpatch`` on PEFT's own
+``tunefast.methods.prompt``, and ``tunefast.methods.patched``: ``tunefast.patch`` / ``unpatch`` on PEFT's own
 LoRA-family and prompt layers, in this shape) exposing::
 
     Config                                   a dataclass: everything apply() needs, saved by save()
@@ -24,7 +24,9 @@ a config's "auto" and must otherwise agree with it (:func:`resolve_backend`: a V
 never a silent override). The config is saved as it was given, so ``load`` runs the saved config's
 backend unless given another (a backend is no part of the weights: a checkpoint trained with
 "triton" on a GPU loads with "reference" on a CPU). ``load`` takes a fresh base model (the one ``apply``
-was first given, freshly constructed) and refuses, changing nothing, a checkpoint that does not fit it.
+was first given, freshly constructed; for ``patched``, whose apply takes a PeftModel, the plain
+transformers base, as ``peft.PeftModel.from_pretrained`` does) and refuses, changing nothing, a
+checkpoint that does not fit it.
 
 ``check(method)`` verifies a module against this list; tests/test_protocol.py runs every method in
 :data:`tunefast.methods.METHODS` through apply -> forward -> save -> load into a fresh model -> remove.
