@@ -79,7 +79,7 @@ def vit_case(s, device) -> harness.Case:
 
         return harness.Step.for_module(model, run, check, info, extra_state=trainable)
 
-    def prompts_for(template):
+    def prompts_for():
         """Seeded prompts, identical for both variants (VPT's uniform init)."""
         g = torch.Generator().manual_seed(1)
         bound = (6.0 / (3 * s["patch"] ** 2 + s["hidden"])) ** 0.5
@@ -90,7 +90,7 @@ def vit_case(s, device) -> harness.Case:
         template, x, y = inp
         model = prompt.apply(copy.deepcopy(template), prompt.PromptConfig(num_tokens=s["prompts"]))
         with torch.no_grad():
-            for p, v in zip(prompt.prompt_parameters(model).values(), prompts_for(template)):
+            for p, v in zip(prompt.prompt_parameters(model).values(), prompts_for()):
                 p.copy_(v)
         report = prompt.report(model)
         info = {"kernels": ", ".join(f"{k} x{n}" for k, n in report.kernels().items())}
@@ -101,7 +101,7 @@ def vit_case(s, device) -> harness.Case:
         model = copy.deepcopy(template)
         for p in model.parameters():
             p.requires_grad_(False)
-        leaves = [v.requires_grad_() for v in prompts_for(template)]
+        leaves = [v.requires_grad_() for v in prompts_for()]
         n = s["prompts"]
         for layer, p in zip(model.vit.layers, leaves):
             def pre(mod, args, kwargs, p=p):
@@ -116,7 +116,7 @@ def vit_case(s, device) -> harness.Case:
         return step_for(model, [*leaves, *head], x, y, {"tokens_per_layer": (s["image"] // s["patch"]) ** 2 + 1 + n})
 
     return harness.Case(
-        suite="prompt", name="vit_step", params={k: v for k, v in s.items()},
+        suite="prompt", name="vit_step", params=dict(s),
         variants={"straightforward": straightforward_setup, "tunefast": tunefast_setup},
         inputs=inputs, flops=step_flops(s), dtype=s["dtype"], tolerance=TOLERANCE[s["dtype"]],
     )

@@ -203,7 +203,8 @@ def apply(model: nn.Module, config: PromptConfig, *, backend: str | None = None)
                                               attn.get_submodule(facts.value), attn.head_dim, hf_config, interface)
             hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
             owners[n] = prompt
-        hooks.append(layers[0][1].register_forward_pre_hook(_layer.checkpoint_input_hook(layers[0][1]), with_kwargs=True))
+        first = layers[0][1]
+        hooks.append(first.register_forward_pre_hook(_layer.checkpoint_input_hook(first), with_kwargs=True))
         attn_impl = hf_config._attn_implementation
         model.set_attn_implementation(interface)
     else:
