@@ -246,6 +246,30 @@ def test_ia3_with_zero_entries_matches_peft(backend):
         assert_rel_close(grads1[name], want, name)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dora_with_zero_magnitude_entries_matches_peft(backend):
+    """DoRA's column scale m / ||W + s B A|| is 0 where m is: loss and every gradient as PEFT's, finite."""
+    model = M.peft_model("llama", ["q_proj", "v_proj"], use_dora=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()))
+                p.view(-1)[::7] = 0.0
+    patched = M.clone(model)
+    report = tunefast.patch(patched, backend=backend)
+    assert report.kernels().get(f"dora_linear[{backend}]", 0) == 4, str(report)
+    inputs = M.batch("llama")
+    loss0, grads0 = _loss_grads(model, inputs)
+    loss1, grads1 = _loss_grads(patched, inputs)
+    assert_rel_close(loss1, loss0, "loss")
+    assert grads0.keys() == grads1.keys()
+    for name, want in grads0.items():
+        assert torch.isfinite(grads1[name]).all(), name
+        if "lora_magnitude_vector" in name:
+            assert want.view(-1)[::7].abs().max() > 0, name
+        assert_rel_close(grads1[name], want, name)
+
+
 # ---- selection -------------------------------------------------------------------------------------
 
 
