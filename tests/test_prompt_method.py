@@ -329,6 +329,13 @@ def test_unsupported_models_are_refused_with_the_reason():
         prompt.apply("vit", prompt.PromptConfig())
     with pytest.raises(TypeError, match="PromptConfig"):
         prompt.apply(make("vit"), {"num_tokens": 3})
+    ast = make("ast")
+    object.__setattr__(ast.config, "patch_size", None)  # a config without the patch size VPT's init needs
+    before = {n: (p.requires_grad, p.clone()) for n, p in ast.named_parameters()}
+    with pytest.raises(ValueError, match="patch size.*init='normal'"):
+        prompt.apply(ast, prompt.PromptConfig(init="uniform"))
+    assert "_tunefast_prompt" not in ast.__dict__ and ast.config._attn_implementation == "sdpa"
+    assert all(p.requires_grad == before[n][0] and torch.equal(p, before[n][1]) for n, p in ast.named_parameters())
     model = prompt.apply(make("vit"), prompt.PromptConfig(), backend="reference")
     with pytest.raises(ValueError, match="already has visual prompts"):
         prompt.apply(model, prompt.PromptConfig())

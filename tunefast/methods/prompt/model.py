@@ -169,6 +169,9 @@ def apply(model: nn.Module, config: PromptConfig, *, backend: str | None = None)
             if not isinstance(getattr(attn, "head_dim", None), int):
                 raise ValueError(f"{n}.{facts.attention} ({type(attn).__name__}) has no int head_dim")
     head_names = list(planned["head"])
+    ref = layers[0][1].get_submodule(layers[0][2].norm).weight
+    bound = _init_bound(model, ref.shape[-1]) if config.init == "uniform" else None
+    # every check above, every change below: a refused model is left untouched
 
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
@@ -178,8 +181,6 @@ def apply(model: nn.Module, config: PromptConfig, *, backend: str | None = None)
     for n in head_names:
         params[n].requires_grad_(True)
 
-    ref = layers[0][1].get_submodule(layers[0][2].norm).weight
-    bound = _init_bound(model, ref.shape[-1]) if config.init == "uniform" else None
     hooks, owners = [], {}
 
     def new_prompt(owner: nn.Module) -> PromptTokens:
