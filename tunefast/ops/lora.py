@@ -7,6 +7,16 @@ Kept for backward: x (for dA), the (M, r_i) products xa_i (for dB) and one int64
 PEFT keeps, per adapter with dropout, a dropped copy of x plus its mask; here the mask is redrawn from
 the seed, so with dropout the bytes kept are x once plus M * sum(r_i) values, whatever p is.
 
+With a trained column scale g (DoRA's m / ||W + s B A||, (IA)3's l): g and y as well (g's gradient
+is sum_t dy * (y - b) / g); only where some entry of g is exactly 0 are x and the xa kept too, to
+recompute z = x W^T + sum_i s_i xa_i B_i^T for those columns (one device sync per call reads g; under
+torch.compile, where tracing cannot read g, they are kept whenever g is trained and z is recomputed whole).
+
+On the Triton backend the dense product (forward y, backward dx) runs one of two paths, chosen per
+shape class by timing both on first use on a GPU (tunefast/ops/lora_path.py, never run on a GPU yet):
+the fused Triton GEMM with the low-rank epilogue, or cuBLAS for the base product with the low-rank
+term added in place. Same inputs, same saved tensors; only the rounding order differs.
+
 Two ops, as flash-attention does, so that ``torch.compile`` sees opaque forward and backward kernels:
 ``tunefast::lora_linear_fwd`` and ``tunefast::lora_linear_bwd``. The public entry is
 :func:`lora_linear`.

@@ -312,7 +312,7 @@ def read_disk() -> dict[str, Choice]:
         return {}
     try:
         data = json.loads(cache_file().read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: no home directory
         return {}
     if data.get("versions") != _versions():
         return {}
@@ -335,7 +335,10 @@ def _save_disk(key: str, choice: Choice) -> None:
     processes measuring at once lose at most an entry, never the file)."""
     if not _disk_on():
         return
-    path = cache_file()
+    try:
+        path = cache_file()
+    except RuntimeError:  # no home directory: the choice stays in memory
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -361,8 +364,12 @@ def describe() -> list[str]:
         current = f"invalid ({e})"
     lines = [f"mode: {current} ({ENV}; tunefast.ops.lora_path.set_lora_path)", f"rule: {RULE}"]
     seen = choices()
+    try:
+        where = str(cache_file())
+    except RuntimeError as e:  # no home directory to put ~/.cache in
+        where = f"unavailable ({e})"
     disk = {k: c for k, c in read_disk().items() if k not in dict(seen)}
-    state = "off" if not _disk_on() else f"{cache_file()}, {len(disk)} entr{'y' if len(disk) == 1 else 'ies'}"
+    state = "off" if not _disk_on() else f"{where}, {len(disk)} entr{'y' if len(disk) == 1 else 'ies'}"
     lines.append(f"disk cache: {state}")
     for key, choice in [*seen, *disk.items()]:
         lines.append(f"  {key}: {choice.describe()}")
