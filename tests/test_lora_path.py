@@ -398,3 +398,20 @@ def test_each_path_on_gpu_matches_the_cpu_reference(path):
     with lp.use_lora_path(path):
         y, *_ = _run_op(cuda[0], cuda[1], cuda[2], [cuda[3]], [cuda[4]], [0.5], [0.1], seeds.cuda(), "triton")
     assert_close_to_oracle(y.cpu(), y_ref, y_t, "y")
+
+
+@pytest.mark.gpu
+def test_first_use_on_gpu_measures_both_paths_with_cuda_events():
+    """Never run yet (no GPU where this was written): the default timer measures, caches and writes the file."""
+    x, w, b, a, bb = _make((512,), 1024, 768, [16], torch.bfloat16)
+    x, w, b, a, bb = x.cuda(), w.cuda(), b.cuda(), [a[0].cuda()], [bb[0].cuda()]
+    with launch.set_autotune(True):
+        y = oplora.lora_linear(x.requires_grad_(), w, b, a, bb, [0.5], [0.0], backend="triton")
+        y.sum().backward()
+    made = dict(lp.choices())
+    assert {key.split()[0] for key in made} == {"fwd", "dx"}
+    for key, choice in made.items():
+        assert choice.how == "measured" and set(choice.times_ms) == set(PATHS), key
+        assert all(t > 0 for t in choice.times_ms.values())
+        assert choice.path == min(choice.times_ms, key=choice.times_ms.get)
+    assert set(lp.read_disk()) == set(made)
