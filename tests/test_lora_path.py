@@ -415,3 +415,18 @@ def test_first_use_on_gpu_measures_both_paths_with_cuda_events():
         assert all(t > 0 for t in choice.times_ms.values())
         assert choice.path == min(choice.times_ms, key=choice.times_ms.get)
     assert set(lp.read_disk()) == set(made)
+
+
+def test_a_path_that_fails_while_timed_leaves_the_other(ran):
+    def timer(path, fn):
+        if path == "triton":
+            raise RuntimeError("out of resources (simulated)")
+        fn()
+        return 5.0
+
+    lp.set_timer(timer)
+    with launch.set_autotune(True), pytest.warns(UserWarning, match="'triton' path failed"):
+        _layer()()
+    assert ran["fwd:cublas"] == 2 and ran["fwd:triton"] == 0
+    (_, choice), = lp.choices()
+    assert choice.path == "cublas" and choice.times_ms == {"cublas": 5.0}

@@ -255,8 +255,18 @@ def choose(sc: ShapeClass, runners: Mapping[str, Callable[[], object]], device: 
         if stored is not None:
             _record(sc, stored)
             return stored.path
-    times = {p: float(timer(p, runners[p])) for p in PATHS}
-    choice = Choice(min(PATHS, key=lambda p: times[p]), "measured", times)
+    times, failed = {}, {}
+    for p in PATHS:
+        try:
+            times[p] = float(timer(p, runners[p]))
+        except Exception as e:  # e.g. a Triton config out of resources on this device: the other path runs
+            failed[p] = e
+    if not times:
+        raise failed[PATHS[0]]
+    for p, e in failed.items():
+        warnings.warn(f"tunefast: the LoRA {p!r} path failed on {sc.text()} ({type(e).__name__}: {e}); "
+                      f"running the other path for this shape class", stacklevel=3)
+    choice = Choice(min(times, key=times.get), "measured", times)
     _record(sc, choice)
     if _timer is None:
         _save_disk(key, choice)
