@@ -1,5 +1,6 @@
 """The input-scaled linear op ((IA)3 on feed-forward layers), registered with torch.library (fake +
-autograd), dispatching to the reference (tunefast/reference/scaled_linear.py).
+autograd), dispatching to Triton (kernels/scaled_linear.py) or the reference
+(tunefast/reference/scaled_linear.py).
 
     y = ((x * l) W^T + b),  W frozen, l (K,) trainable
 
@@ -11,9 +12,10 @@ default fp32 (IA)3 vectors keeps an fp32 copy of x, twice x's bytes; here x is k
 l's gradient is sum_t x * (dy W), with no division by l (the column-scale rule of ops/lora.py divides by
 the scale, which is NaN at an entry of l equal to 0; this op is finite there, as PEFT).
 
-Caution: there is no Triton kernel for this op: the work is the base GEMM (cuBLAS / MKL already) plus
-O(M K) elementwise products; ``backend`` is accepted for symmetry with the other ops and both values run
-the reference math.
+The Triton kernels fold the scale into the GEMMs: x * l is applied to each x tile as it is loaded
+(never written), and dx = (dy W) * l and l's partial gradients come out of the backward GEMM's epilogue.
+Caution: they have never run on a GPU (interpreter only); their gain over PEFT's separate passes is an
+estimate in kernels/scaled_linear.py's docstring, not a measurement.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import backend as _backend
 from ..reference import scaled_linear as ref
 from ._checks import check_linear_args, check_same_device, check_tensor
 from ._common import rows_to_shape
@@ -32,9 +35,20 @@ def _x2d(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _fwd_impl(x, weight, bias, scale, backend):
+    x2d = _x2d(x)
+    if _backend.resolve(backend, x.device) == "triton":
+        from ..kernels import scaled_linear as ks
+
+        y2d = ks.scaled_linear_fwd(x2d, weight, bias, scale)
+    else:
+        y2d = ref.forward(x2d, weight, bias, scale)
+    return rows_to_shape(y2d, x.shape[:-1])
+
+
 @torch.library.custom_op("tunefast::scaled_linear_fwd", mutates_args=())
 def _scaled_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, backend: str) -> Tensor:
-    return rows_to_shape(ref.forward(_x2d(x), weight, bias, scale), x.shape[:-1])
+    return _fwd_impl(x, weight, bias, scale, backend)
 
 
 @_scaled_linear_fwd.register_fake
@@ -46,7 +60,13 @@ def _bwd_impl(grad_y, x, weight, scale, needs, backend):
     need_dx, need_dscale, need_dbias = needs
     dy2d = _x2d(grad_y)
     x2d = _x2d(x) if need_dscale else x  # without dl, x is an empty placeholder (it was not kept)
-    dx, dscale, dbias = ref.backward(dy2d, x2d, weight, scale, *needs)
+    if _backend.resolve(backend, grad_y.device) == "triton" and (need_dx or need_dscale):
+        from ..kernels import scaled_linear as ks
+
+        dx, dscale = ks.scaled_linear_bwd(dy2d, weight, x2d, scale, need_dx, need_dscale)
+        dbias = dy2d.sum(0) if need_dbias else None
+    else:
+        dx, dscale, dbias = ref.backward(dy2d, x2d, weight, scale, *needs)
     empty = lambda: grad_y.new_empty(0)  # noqa: E731  (one each: custom-op returns may not alias)
     dx = dx.view(*grad_y.shape[:-1], weight.shape[1]) if need_dx else empty()
     return dx, dscale if need_dscale else empty(), dbias if need_dbias else empty()
@@ -97,7 +117,7 @@ class _EagerScaledLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, x, weight, bias, scale):
         inputs = (x, weight, bias, scale, backend)
-        y = rows_to_shape(ref.forward(_x2d(x), weight, bias, scale), x.shape[:-1])
+        y = _fwd_impl(x, weight, bias, scale, backend)
         _setup_context(ctx, inputs, y)
         ctx.eager = True
         return y
@@ -119,7 +139,7 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tens
         bias: (N,) base bias or None (it may require grad).
         scale: (K,) per-input-feature scale l, any supported float dtype: x * l is computed in l's dtype
             and rounded to x's dtype before the product, as PEFT's (IA)3 does.
-        backend: "auto", "triton" or "reference" (all run the reference math today, see the module doc).
+        backend: "auto", "triton" or "reference" (see tunefast.backend).
 
     Returns:
         (*, N) tensor of x's dtype. The base weight never receives a gradient.

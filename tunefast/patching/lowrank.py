@@ -193,7 +193,7 @@ def decide_ia3(module, backend):
         if len(dtypes) > 1 or not dtypes <= set(SUPPORTED_DTYPES):
             return Skip(f"(IA)3 vector dtypes {sorted(map(str, dtypes))}: the fused op takes one float32 / "
                         "float16 / bfloat16 dtype for all adapters; PEFT's forward runs")
-        kernel = "scaled_linear[reference]"  # no Triton kernel: the base GEMM plus O(M K) products
+        kernel = _kernel("scaled_linear", module, backend)
     else:
         other = sorted({str(d) for d in dtypes if d != wdt})
         if other:
