@@ -15,7 +15,7 @@ BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.tunefast-installed
 SOURCES     := pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: setup demo test bench info clean
+.PHONY: setup demo test bench info clean check-imports
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ info: setup
 
 test: setup
 	$(BIN)/python -m pytest tests -q -m "not slow"
+
+# The tunefast package's import graph has no module-level cycle (scripts/check_imports.py).
+check-imports: setup
+	$(BIN)/python scripts/check_imports.py
 
 bench: setup
 	$(BIN)/python -m pytest benchmarks -q --benchmark-enable -p no:cacheprovider

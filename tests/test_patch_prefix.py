@@ -253,7 +253,7 @@ def test_prefix_is_computed_once_not_per_batch_element():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sliding-window layers (issue 13 item 1, issue 11 item 14)
+# Sliding-window layers
 # ----------------------------------------------------------------------------------------------------
 
 # Windows with the P = 5 prefix and T = 9 tokens: 16 >= P + T (every key inside: below the window),
@@ -294,7 +294,7 @@ def test_sliding_window_counts_the_prefix_positions(monkeypatch):
 
 @pytest.mark.parametrize("family,window,backend", [("mistral", 4096, "triton"), ("gemma2", 6, "reference")])
 def test_sliding_window_gradient_checkpointing(family, window, backend):
-    """Issue 11 item 14: Mistral's default config (sliding_window=4096) with prefix tuning and gradient
+    """Mistral's default config (sliding_window=4096) with prefix tuning and gradient
     checkpointing crashed (PEFT's own path: "The size of tensor a (9) must match the size of tensor b
     (14)"); patched, it equals PEFT without checkpointing."""
     model = PM.sliding_window_prefix_model(family, window, projection=True)
@@ -326,7 +326,7 @@ def test_sliding_window_generate_matches_peft(family):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Encoder-decoders (issue 13 item 2): PEFT's prefix reaches decoder self-attention only
+# Encoder-decoders: PEFT's prefix reaches decoder self-attention only
 # ----------------------------------------------------------------------------------------------------
 
 

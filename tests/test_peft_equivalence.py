@@ -1,4 +1,4 @@
-"""PEFT equivalence (issue 11): a patched model is PEFT's model in every way a user can touch it.
+"""PEFT equivalence: a patched model is PEFT's model in every way a user can touch it.
 
 Each test builds a tiny PEFT model and a twin: ``ref`` stays unpatched PEFT, ``fast`` is the one
 ``tunefast.patch`` / ``unpatch`` act on. A seeded random walk over the operation table OPS applies the
@@ -813,7 +813,7 @@ def _unloaded_training_logits():
 def test_generate_after_walk_matches_peft():
     """Found by a walk (GPT-2, two adapters: patch, train/eval, generate, save/load, adapter_names batch, dtype
     moves, checkpointing, a lora_B hook x0.5, a trainable base weight, generate): generate()'s first cached step
-    scored 0.31 away from PEFT's while hooks on lora_B did not fire on patched layers (issue 11 item 9) and the
+    scored 0.31 away from PEFT's while hooks on lora_B did not fire on patched layers and the
     LM-head fusion was on by default. Kept as a regression test."""
     import zlib
 

@@ -19,6 +19,7 @@ from .patching import get_report, patch, unpatch
 from .patching.report import PatchedEntry, PatchReport, SkippedEntry
 from .routing import route
 from .methods import adapters  # bottleneck / parallel adapters: tunefast.adapters.AdapterConfig / apply / ...
+from .methods import prompt  # visual prompt tuning (VPT deep / shallow) on ViT-style classifiers
 from .methods import side  # memory-saving side tuning: tunefast.side.SideConfig / apply / save / load
 from .methods import sparse  # sparse fine-tuning: tunefast.sparse.SparseConfig / apply / save / load / merge
 from .ops.adapter import adapter
@@ -40,6 +41,7 @@ __all__ = [
     "lora_linear",
     "patch",
     "prefix_attention",
+    "prompt",
     "route",
     "routed_lora_linear",
     "side",

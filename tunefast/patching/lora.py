@@ -78,7 +78,23 @@ def peft_forward_needed(self, x) -> bool:
                 or nn.modules.module._global_backward_hooks)
 
 
-def decide(module, backend: str):
+def plan(module, backend: str, x=None):
+    """The one eligibility decision of this handler: ``Patch(kernel, detail)`` or ``Skip(reason)``.
+
+    Without ``x`` (patch time, the report): what the layer's configuration allows. With ``x`` (every
+    forward): the same checks, then the call-time ones (hooks, meta tensors, dtypes, autocast, a base
+    weight needing a gradient); a Patch then carries the op's arguments in ``args``, and a Skip's reason
+    is why this call runs PEFT's forward. The forward derives every fallback from here.
+    """
+    if x is not None and (not isinstance(x, torch.Tensor) or peft_forward_needed(module, x)):
+        return Skip("hooks on its adapter modules (or global module hooks), meta tensors, or a non-tensor input")
+    static = _plan_static(module, backend, with_detail=x is None)
+    if x is None or isinstance(static, Skip):
+        return static
+    return _plan_call(module, x, static.kernel)
+
+
+def _plan_static(module, backend: str, with_detail: bool = True):
     base = module.get_base_layer()
     chain = wrapper_chain(module)
     if chain:
@@ -115,11 +131,16 @@ def decide(module, backend: str):
         return Skip(f"adapters merged into the base weight; {kernel} resumes after unmerge", resumes=True)
     if module.disable_adapters:
         return Skip(f"adapters disabled; {kernel} resumes when enabled", resumes=True)
+    if not with_detail:
+        return Patch(kernel)
     active = [a for a in module.active_adapters if a in module.lora_A]
     detail = ", ".join(f"{a}: r={module.r[a]}" for a in active)
     if variants and any(_dropout_p(module.lora_dropout[a]) for a in active if module.lora_dropout[a].training):
         detail += "; PEFT's forward runs while training with lora_dropout > 0 (DoRA then needs a second base product)"
     return Patch(kernel, detail)
+
+
+decide = plan  # the registry's name for it: report and forward share one decision
 
 
 def _base(self):
@@ -154,18 +175,23 @@ def _cast(x, weight, bias, tensors):
     return x, weight, bias, tensors
 
 
-def _fused_call(self, x):
-    """Output of the fused op for the active adapters, or None where PEFT's forward must run."""
+def _plan_call(self, x, kernel: str):
+    """Call-time half of :func:`plan`: Patch(kernel, args=(lora_linear's arguments)) or Skip(why PEFT's
+    forward runs for this call)."""
     active = [a for a in self.active_adapters if a in self.lora_A]
     dora = [a for a in active if a in self.lora_variant]
-    if not active or (dora and (len(active) > 1 or type(self.lora_variant[dora[0]]).__name__ not in FUSED_VARIANTS)):
-        return None
+    if not active:
+        return Skip("no active adapter on this layer")
+    if dora and len(active) > 1:
+        return Skip("DoRA with more than one active adapter")
     base, adapters = _base(self), _adapters(self, active)
-    if base is None or adapters is None:
-        return None
+    if base is None:
+        return Skip("the base weight needs a gradient")
+    if adapters is None:
+        return Skip("a custom lora_dropout module")
     (weight, bias), (a_w, b_w, scalings, ps) = base, adapters
     if dora and (ps[0] > 0.0 or self.lora_bias.get(dora[0])):
-        return None
+        return Skip("DoRA with lora_dropout > 0 in training, or with lora_bias")
     magnitude = self.lora_magnitude_vector[dora[0]].weight if dora else None
     autocast = torch.is_autocast_enabled(x.device.type)
     for a, s in zip(active, scalings):  # PEFT lora_bias: s * b_B joins the base bias (one epilogue add)
@@ -174,16 +200,22 @@ def _fused_call(self, x):
             if b_bias.dtype != weight.dtype and not autocast:
                 # PEFT adds b_B to the adapter-dtype term and rounds once to the base dtype; folded into a
                 # base-dtype bias it would be rounded twice (and an fp32 bias cannot join an fp16 GEMM)
-                return None
+                return Skip(f"lora_bias dtype {b_bias.dtype} differs from the base weight's {weight.dtype}")
             bias = b_bias * s if bias is None else bias + b_bias * s
     cast = _cast(x, weight, bias, [*a_w, *b_w, *([magnitude] if dora else [])])
     if cast is None:
-        return None
+        return Skip(f"input dtype {x.dtype} differs from the base weight's {weight.dtype} (PEFT casts)")
     x, weight, bias, rest = cast
     n = len(active)
     a_w, b_w, magnitude = rest[:n], rest[n : 2 * n], (rest[2 * n] if dora else None)
     if not getattr(self, "cast_input_dtype_enabled", True) and any(t.dtype != x.dtype for t in a_w):
-        return None
+        return Skip("cast_input_dtype disabled and adapter dtype differs from the input's")
+    return Patch(kernel, args=(x, weight, bias, a_w, b_w, scalings, ps, magnitude))
+
+
+def _fused_call(self, x, decision):
+    """Output of the fused op for a call ``plan`` accepted."""
+    x, weight, bias, a_w, b_w, scalings, ps, magnitude = decision.args
     with torch.autocast(x.device.type, enabled=False):
         return lora_linear(x, weight, bias, a_w, b_w, scalings, ps, magnitude=magnitude, backend=self._tunefast_backend)
 
@@ -249,8 +281,11 @@ def fused_forward(self, x, *args, **kwargs):
             table = list(dict.fromkeys(names))
             ids = torch.tensor([table.index(n) if n != "__base__" else -1 for n in names], device=x.device)
             out = _routed_call(self, x, table, ids)
+        elif not kwargs and route is not None:
+            out = _routed_call(self, x, *route)
         elif not kwargs:
-            out = _fused_call(self, x) if route is None else _routed_call(self, x, *route)
+            decision = plan(self, self._tunefast_backend, x)
+            out = _fused_call(self, x, decision) if isinstance(decision, Patch) else None
     if out is None:
         if route is not None and not kwargs and not (self.disable_adapters or self.merged):
             rows = _route_rows(route, x)

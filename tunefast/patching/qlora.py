@@ -100,7 +100,22 @@ def _int8_reason(base: nn.Module, device: torch.device) -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def decide(module, backend: str):
+def plan(module, backend: str, x=None):
+    """The one eligibility decision of this handler: ``Patch(kernel, detail)`` or ``Skip(reason)``.
+
+    Without ``x`` (patch time, the report): what the layer's configuration allows. With ``x`` (every
+    forward): the same checks, then the call-time ones; a Patch then carries the op's arguments in
+    ``args`` and a Skip says why this call runs PEFT's forward.
+    """
+    if x is not None and (not isinstance(x, torch.Tensor) or peft_forward_needed(module, x)):
+        return Skip("hooks on its adapter modules (or global module hooks), meta tensors, or a non-tensor input")
+    static = _plan_static(module, backend, with_detail=x is None)
+    if x is None or isinstance(static, Skip):
+        return static
+    return _plan_call(module, x, static.kernel)
+
+
+def _plan_static(module, backend: str, with_detail: bool = True):
     base = module.get_base_layer()
     variants = {a: type(v).__name__ for a, v in module.lora_variant.items() if a in module.lora_A}
     if variants:
@@ -127,6 +142,8 @@ def decide(module, backend: str):
         return Skip(f"adapters merged into the base weight; {kernel} resumes after unmerge", resumes=True)
     if module.disable_adapters:
         return Skip(f"adapters disabled; {kernel} resumes when enabled", resumes=True)
+    if not with_detail:
+        return Patch(kernel)
     active = [a for a in module.active_adapters if a in module.lora_A]
     detail = qw.describe()
     if qw.quant_type != "int8" and base.compute_dtype is not None:
@@ -135,6 +152,9 @@ def decide(module, backend: str):
         detail += " (training mode; eval runs PEFT's LLM.int8())"
     detail += "; " + ", ".join(f"{a}: r={module.r[a]}" for a in active)
     return Patch(kernel, detail)
+
+
+decide = plan  # the registry's name for it: report and forward share one decision
 
 
 def _prepare_base(base: nn.Module, x: torch.Tensor) -> torch.dtype:
@@ -155,34 +175,33 @@ def _prepare_base(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _fast_path_args(self, x, args, kwargs):
-    """The fused op's arguments, or None where PEFT's forward must run to keep its exact behaviour."""
-    if args or kwargs or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
-        return None
-    if peft_forward_needed(self, x):
-        return None
+def _plan_call(self, x, kernel: str):
+    """Call-time half of :func:`plan`: Patch(kernel, args=(qlora_linear's arguments, out dtype)) or
+    Skip(why PEFT's forward runs for this call)."""
     if x.dtype not in SUPPORTED_DTYPES or x.numel() == 0:
-        return None
+        return Skip(f"input dtype {x.dtype} or an empty input")
     active = [a for a in self.active_adapters if a in self.lora_A]
-    if not active or any(a in self.lora_variant for a in active):
-        return None
+    if not active:
+        return Skip("no active adapter on this layer")
     base = self.get_base_layer()
     if base.weight.requires_grad and torch.is_grad_enabled():
-        return None
+        return Skip("the base weight needs a gradient")
     qw = _quant_weight(base)
-    if isinstance(qw, Skip) or qw.device != x.device:
-        return None
+    if isinstance(qw, Skip):
+        return qw
+    if qw.device != x.device:
+        return Skip(f"input on {x.device}, quantised weight on {qw.device}")
     if qw.quant_type == "int8" and _int8_reason(base, x.device) is not None:
-        return None
+        return Skip(_int8_reason(base, x.device))
     ps = [_dropout_p(self.lora_dropout[a]) for a in active]
     if None in ps:
-        return None
+        return Skip("a custom lora_dropout module")
     a_w = [self.lora_A[a].weight for a in active]
     b_w = [self.lora_B[a].weight for a in active]
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     if not autocast and not getattr(self, "cast_input_dtype_enabled", True) and any(t.dtype != x.dtype for t in a_w):
-        return None
+        return Skip("cast_input_dtype disabled and adapter dtype differs from the input's")
     compute = _prepare_base(base, x)
     out_dtype = x.dtype
     if autocast:
@@ -204,15 +223,16 @@ def _fast_path_args(self, x, args, kwargs):
         if b_bias is not None:
             b_bias = (b_bias * s).to(op_dtype)
             bias = b_bias if bias is None else bias + b_bias
-    return x, qw, bias, a_w, b_w, scalings, ps, round_dtype, out_dtype
+    return Patch(kernel, args=(x, qw, bias, a_w, b_w, scalings, ps, round_dtype, out_dtype))
 
 
 def fused_forward(self, x, *args, **kwargs):
-    """Forward of a patched PEFT bitsandbytes LoRA layer: the fused op, or PEFT's forward."""
-    fast = _fast_path_args(self, x, args, kwargs)
-    if fast is None:
+    """Forward of a patched PEFT bitsandbytes LoRA layer: the fused op, or PEFT's forward (the Skip
+    reasons of :func:`plan`)."""
+    decision = plan(self, self._tunefast_backend, x) if not (args or kwargs) else Skip("extra forward arguments")
+    if isinstance(decision, Skip):
         return self._tunefast_original_class.forward(self, x, *args, **kwargs)
-    x, qw, bias, a_w, b_w, scalings, ps, round_dtype, out_dtype = fast
+    x, qw, bias, a_w, b_w, scalings, ps, round_dtype, out_dtype = decision.args
     with torch.autocast(x.device.type, enabled=False):
         y = qlora_linear(x, qw, bias, a_w, b_w, scalings, ps, round_dtype=round_dtype, backend=self._tunefast_backend)
     return y.to(out_dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
@@ -18,8 +18,12 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Patch:
+    """``kernel`` runs the module. ``args``: the op's arguments, when a handler's ``plan`` decided for
+    one call (see patching/lora.py); None for the patch-time decision."""
+
     kernel: str
     detail: str = ""
+    args: tuple | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
