@@ -172,7 +172,7 @@ def linear_cross_entropy(
         logit_scale: multiplies the logits before softcapping (Cohere's ``logit_scale``).
         label_smoothing: in [0, 1], as F.cross_entropy's.
         backend: "auto", "triton" or "reference" (see tunefast.backend).
-        chunk_rows: reference backend: rows of logits formed at once (default ~16M logits).
+        chunk_rows: reference backend: rows of logits formed at once (default: 16M logits, at least 256 rows).
 
     Returns:
         0-d float32 loss (or (N,) for reduction "none"). Gradients flow to hidden, weight and bias
@@ -244,12 +244,15 @@ def _check_args(hidden, weight, labels, bias, ignore_index, reduction, num_items
 
 
 def loss_sum_and_dhidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, need_dhidden: bool,
-                         chunk_rows: Optional[int] = None, backend: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
-    """(0-d fp32 summed loss (ignore_index -100), its gradient w.r.t. hidden (N, H) or None), from the
-    same implementation as :func:`linear_cross_entropy`, for callers that chain the gradient into an
-    op of their own inside a forward (tunefast::side_lm_loss forms the side network's gradients from it,
-    so that neither logits nor an (N, H) hidden state is kept). No autograd: inputs are plain tensors."""
+                         chunk_rows: Optional[int] = None, backend: str = "auto", ignore_index: int = -100,
+                         softcap: Optional[float] = None, logit_scale: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
+    """(0-d fp32 summed loss, its gradient w.r.t. hidden (N, H) or None), from the same implementation as
+    :func:`linear_cross_entropy` (same ``ignore_index`` / ``softcap`` / ``logit_scale`` meaning), for
+    callers that chain the gradient into an op of their own inside a forward (tunefast::side_lm_loss
+    forms the side network's gradients from it, so that neither logits nor an (N, H) hidden state is
+    kept). No autograd: inputs are plain tensors."""
     rows = int(chunk_rows) if chunk_rows is not None else ref.default_chunk_rows(hidden.shape[0], weight.shape[0])
     loss, _, dh, _, _ = _impl(backend, hidden.device).forward(
-        hidden, weight, bias, labels, -100, 0.0, 1.0, 0.0, True, need_dhidden, False, False, rows)
+        hidden, weight, bias, labels, int(ignore_index), float(softcap or 0.0), float(logit_scale), 0.0, True,
+        need_dhidden, False, False, rows)
     return loss, dh
