@@ -368,3 +368,14 @@ def test_threads_share_a_patched_model():
     for labels, value in results:
         torch.testing.assert_close(value, want_loss if labels == 0 else want_logits, rtol=1e-5, atol=1e-6)
     assert "forward" not in vars(model.base_model.model.lm_head)
+
+
+def test_vocabulary_not_larger_than_hidden_is_skipped():
+    """The fused loss keeps (N, H); with V <= H PEFT's (N, V) logits are no bigger: skipped, PEFT's path."""
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    report = tunefast.patch(model, backend="reference")
+    assert [e.name for e in report.skipped if "vocabulary 48 <= hidden size 64" in e.reason] == ["lm_head"], report
+    model.train()
+    ids = torch.randint(0, 48, (2, 6))
+    assert model(input_ids=ids, labels=ids).logits is not None

@@ -93,7 +93,7 @@ def patch(model: nn.Module, backend: str = "auto", *, lm_head: bool = True) -> P
 
     report = PatchReport(backend=backend)
     for model_handler in model_handlers(model):
-        if model_handler.apply is _lm_head.apply and not fuse_head:
+        if model_handler.apply is _lm_head.apply:  # after the walk: the head's entry comes last in the report
             continue
         for entry in model_handler.apply(model, backend) or ():
             (report.patched if isinstance(entry, PatchedEntry) else report.skipped).append(entry)
@@ -109,6 +109,8 @@ def patch(model: nn.Module, backend: str = "auto", *, lm_head: bool = True) -> P
             if decision.resumes and handler.forward is not None:
                 swap_in(module, handler.forward, backend)
             report.skipped.append(SkippedEntry(name, decision.reason))
+    for entry in (_lm_head.apply(model, backend) if fuse_head else None) or ():
+        (report.patched if isinstance(entry, PatchedEntry) else report.skipped).append(entry)
     if not report.patched and not report.skipped:
         warnings.warn("tunefast.patch found no PEFT layers in this model; nothing was changed", stacklevel=2)
     state = _state.PatchState(backend, report)

@@ -176,6 +176,16 @@ def _head_blocker(head) -> str | None:
     return f"the head is a {type(head).__name__}, not a plain nn.Linear: its forward is not the fused op's math"
 
 
+def _size_blocker(head) -> str | None:
+    """The fused loss keeps dhidden (N, H) for backward where PEFT keeps the (N, V) logits and their
+    log-softmax: with V <= H (toy vocabularies, e.g. the demo's 64 x 128) fusing would keep as much or more."""
+    vocab, hidden = head.weight.shape
+    if vocab <= hidden:
+        return (f"vocabulary {vocab} <= hidden size {hidden}: the fused loss would keep (tokens, {hidden}) for "
+                f"backward where PEFT keeps (tokens, {vocab}) logits; PEFT's head and loss run")
+    return None
+
+
 def _forward_blocker(lm, head_attr: str) -> str | None:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -240,7 +250,7 @@ def apply(model, backend: str):
     lm_name = _owner(model, lm)[0] if lm is not model else ""
     name = ".".join(p for p in (lm_name, owner[0] if owner else "get_output_embeddings()") if p)
     reason = _head_blocker(head) or (None if owner else "the head is not a submodule of the causal LM")
-    reason = reason or _forward_blocker(lm, owner[2])
+    reason = reason or _forward_blocker(lm, owner[2]) or _size_blocker(head)
     if reason is not None:
         return [SkippedEntry(name, reason)]
     facts = _logit_facts(lm)
