@@ -75,10 +75,14 @@ SUPPORTED_TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE
 # shifts by P (None: relative positions only). ``bias_source``: the module whose compute_bias gives the
 # relative position bias of the prefix keys (T5: PEFT's cache puts them at positions 0 .. P-1, before
 # the decoder tokens at P .. P+T-1, and layer 0 biases all P + T keys).
+_BART = dict(prefix_modules=r"decoder\.layers\.\d+\.self_attn$", positions=r"decoder\.embed_positions$")
+_T5 = dict(prefix_modules=r"decoder\.block\.\d+\.layer\.0\.SelfAttention$",
+           bias_source=r"decoder\.block\.0\.layer\.0\.SelfAttention$")
 SEQ2SEQ_PREFIX = {
-    "bart": dict(prefix_modules=r"decoder\.layers\.\d+\.self_attn$", positions=r"decoder\.embed_positions$"),
-    "t5": dict(prefix_modules=r"decoder\.block\.\d+\.layer\.0\.SelfAttention$",
-               bias_source=r"decoder\.block\.0\.layer\.0\.SelfAttention$"),
+    "bart": _BART,
+    "mbart": _BART,  # same module layout and learned positions (offset 2); pre-norm layers change nothing here
+    "t5": _T5,
+    "mt5": _T5,  # T5's modules under other class names (Flan-T5 is model type "t5")
 }
 BIAS_SOURCE = "_tunefast_bias_source"  # in an attention module's __dict__: where its prefix bias comes from
 PREFIX_LAYER = "_tunefast_prefix_layer"  # in an attention module's __dict__: its layer of the prefix
