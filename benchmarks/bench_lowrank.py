@@ -4,7 +4,9 @@ Cases (forward + backward of one layer on M tokens, dropout 0.1 where the method
   adalora_layer    PEFT SVDLinear vs tunefast.patch (E and s/ranknum folded into A, fused LoRA op)
   vera_layer       PEFT VeRA Linear vs tunefast.patch (d, b folded into the shared A, B)
   ia3_layer        PEFT (IA)3 Linear on a k/v-type layer vs tunefast.patch (the op's column scale)
-  lora_embedding   PEFT LoRA Embedding vs tunefast.patch (gather of A^T rows + one addmm)
+  ia3_ff_layer     PEFT (IA)3 Linear on a feed-forward layer ((x * l) W^T) vs tunefast.patch (scaled_linear)
+  ia3_ff_bf16_layer  the same on a bf16 base with PEFT's default fp32 l (PEFT keeps an fp32 copy of x)
+  lora_embedding   PEFT LoRA Embedding vs tunefast.patch (lora_embedding: gather of A^T rows, ids kept)
   adapter_layer    a Houlsby adapter h + up(act(down(drop(h)))) written as a plain nn.Module (the
                    straightforward implementation) vs the fused adapter op (tunefast/ops/adapter.py)
 
@@ -90,11 +92,16 @@ def _peft_vs_tunefast(make_model, make_x, grads):
     return inputs, {"peft": peft_setup, "tunefast": tunefast_setup}
 
 
-def _linear_case(name, cfg_fn, random, grads, K, N, M, dtype, device, **_):
+def _linear_case(name, cfg_fn, random, grads, K, N, M, dtype, device, adapter_dtype=None, **_):
     import peft
 
     def make_model():
-        return _peft_layer(cfg_fn(peft), nn.Linear(K, N), dtype, device, random)
+        model = _peft_layer(cfg_fn(peft), nn.Linear(K, N), dtype, device, random)
+        if adapter_dtype is not None:  # PEFT's autocast_adapter_dtype: fp32 adapter vectors on a bf16 base
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(adapter_dtype)
+        return model
 
     def make_x():
         x = torch.randn(4, M // 4, K, device=device, dtype=dtype, requires_grad=True)
@@ -111,10 +118,14 @@ def cases_peft(sizes, device):
                                               lora_dropout=P, target_modules=["proj"])
     vera = lambda peft: peft.VeraConfig(r=RANK, vera_dropout=P, target_modules=["proj"])  # noqa: E731
     ia3 = lambda peft: peft.IA3Config(target_modules=["proj"], feedforward_modules=[])  # noqa: E731
+    ia3_ff = lambda peft: peft.IA3Config(target_modules=["proj"], feedforward_modules=["proj"])  # noqa: E731
     return [
         _linear_case("adalora_layer", adalora, ("lora_",), ("lora_",), **sizes, device=device),
         _linear_case("vera_layer", vera, ("vera_lambda",), ("vera_lambda",), **sizes, device=device),
         _linear_case("ia3_layer", ia3, ("ia3_l",), ("ia3_l",), **sizes, device=device),
+        _linear_case("ia3_ff_layer", ia3_ff, ("ia3_l",), ("ia3_l",), **sizes, device=device),
+        _linear_case("ia3_ff_bf16_layer", ia3_ff, ("ia3_l",), ("ia3_l",), **dict(sizes, dtype=torch.bfloat16),
+                     device=device, adapter_dtype=torch.float32),
         embedding_case(**sizes, device=device),
     ]
 
@@ -196,5 +207,7 @@ def cases(device: torch.device) -> list[harness.Case]:
 @harness.parametrize(cases(harness.bench_device()))
 def test_lowrank(case, variant, measure):
     row = measure(case, variant)
-    if variant == "tunefast" and case.name in ("adalora_layer", "vera_layer", "adapter_layer"):
-        assert row["act_ratio"] < 1.0, row  # no dropped copy of x, no mask, no act(pre) kept
+    if variant == "tunefast" and case.name in ("adalora_layer", "vera_layer", "adapter_layer", "ia3_ff_bf16_layer",
+                                               "lora_embedding"):
+        # no dropped copy of x, no mask, no act(pre), no fp32 copy of a bf16 x, no A^T[ids] kept
+        assert row["act_ratio"] < 1.0, row
