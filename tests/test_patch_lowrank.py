@@ -420,3 +420,12 @@ def test_adalora_loss_keeps_orthogonal_regularisation_with_the_fused_lm_head(mon
     tunefast.patch(patched, backend="reference")
     inputs = M.batch("llama")
     assert_rel_close(patched(**inputs).loss, model(**inputs).loss, "loss")
+
+
+def test_embedding_two_active_adapters_match_peft():
+    """The first adapter runs in the fused op, the second adds its rows as PEFT computes them."""
+    model = M.peft_model("llama", ["embed_tokens"], adapters=("a", "b"))
+    patched = M.clone(model)
+    report = tunefast.patch(patched)
+    assert [e.detail.split(";")[0] for e in report.patched if e.name.endswith("embed_tokens")] == ["a: r=8, b: r=12"]
+    assert_parity(model, patched, M.batch("llama"))
