@@ -332,7 +332,9 @@ def dropout_matmul(a, b, out_dtype, scale=1.0, seed=None, threshold=0, *, drop=N
 
 @launch.aot_examples
 def _examples():
-    """The launches of tunefast/ops/lora.py's forward and backward (with dropout) per dtype pair and rank."""
+    """The launches of tunefast/ops/lora.py's forward and backward (with dropout) per dtype pair and rank, and
+    those of the ops built on the same launchers: DoRA's column scale, routed row segments, bottleneck
+    adapters (tunefast/ops/adapter.py)."""
     m, k, n = 64, 256, 192
     seed = torch.zeros(1, dtype=torch.int64)
     for act, adapter in launch.DTYPES:
@@ -348,3 +350,18 @@ def _examples():
             dxa = dropout_matmul(dy, b, adapter, 0.5)
             dropout_matmul(dxa.t(), x, adapter, 2.0, seed, 1 << 30, drop="b")  # dA
             lora_linear(torch.empty(m, k, dtype=act), dy, w, None, dxa, a, 2.0, seed, 1 << 30)  # dx
+            # DoRA: the fused forward with the magnitude / weight-norm column scale
+            lora_linear(y, x, w.t(), None, xa, b.t(), 0.5, col_scale=torch.empty(n, dtype=torch.float32))
+            # routed (mixed-adapter) batches: row segments past row 0 of x (dropout offsets shifted)
+            dropout_matmul(x[17:], a.t(), adapter, 2.0, seed, 1 << 30, drop="a", x_row0=17)
+            lora_linear(torch.empty(m - 17, k, dtype=act), dy[17:], w, None, dxa[17:], a, 2.0, seed, 1 << 30,
+                        x_row0=17)
+            # bottleneck adapters (tunefast/ops/adapter.py): up-projection with its bias as the epilogue-only
+            # launch, fp32 dh from activation-dtype operands, dx from the pre-activation gradient
+            h = torch.empty(m, r, dtype=act)
+            lora_linear(y, None, None, torch.empty(n, dtype=adapter), h, b.t(), 0.5, has_main=False)
+            dropout_matmul(dy, b, torch.float32, 0.5)
+            lora_linear(torch.empty(m, k, dtype=act), None, None, None, h, a, 2.0, seed, 1 << 30, has_main=False)
+        # routed batches' base-only segment: the main product with an empty low-rank term (R = 0)
+        empty = torch.empty(m, 0, dtype=act)
+        lora_linear(torch.empty(m, n, dtype=act), x, w.t(), torch.empty(n, dtype=act), empty, empty.new_empty(0, n), 0.0)

@@ -102,3 +102,56 @@ def test_compiles_a_real_kernel_for_hopper(tmp_path):
     assert {r["dtypes"] for r in rows} == {"fp32/fp16/i64", "fp32/bf16/i64", "fp32/i64"}
     assert all(r["verdict"] == "ok" and 0 < r["regs"] <= 255 and r["smem"] >= 0 for r in rows)
     assert "_sddmm_kernel" in proc.stdout and not result["summary"]["failed"]
+
+
+_COVERAGE = r"""
+import json, sys
+import benchmarks.aot as aot
+from tunefast.kernels import launch
+
+modules, errors = aot.discover()
+captured = {c.kernel.name for c in launch.capture_examples(launch.ARCHES[90])}
+print(json.dumps(dict(uncovered=aot.coverage(modules, captured), errors=errors, captured=sorted(captured),
+                      jit=sorted(n for m in modules.values() for n in launch.jit_functions(m)))))
+"""
+
+
+def test_every_kernel_in_kernels_is_reached_by_an_aot_example(tmp_path):
+    """Capture only (no compile): every @triton.jit function of kernels/ is launched by a registered AOT
+    example or called by one that is, so the check compiles all of them."""
+    proc = _run(["-c", _COVERAGE], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["errors"] == {} and out["uncovered"] == []
+    # the prefix-attention kernels among them (they were once launched outside kernels/launch.py)
+    assert {"_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_delta_kernel"} <= set(out["captured"])
+    assert len(out["jit"]) > len(out["captured"])  # helpers are reached through their callers
+
+
+_LOUD = r"""
+import importlib.util, sys
+import benchmarks.aot as aot
+
+spec = importlib.util.spec_from_file_location("aot_toy", sys.argv[1])
+toy = importlib.util.module_from_spec(spec)
+sys.modules["aot_toy"] = toy
+spec.loader.exec_module(toy)
+modules, _ = aot.discover()  # imports kernels/, registering their AOT examples
+aot.discover = lambda: ({**modules, "aot_toy": toy}, {})
+from tunefast.kernels import launch
+captured = {"_main_kernel"} | {c.kernel.name for c in launch.capture_examples(launch.ARCHES[90])}
+aot.build_jobs = lambda arches, fixed_only, kernel_filter: ([], captured)
+sys.exit(aot.main(["--fixed-only", "--arch", "90", "--no-csrc", "--out", sys.argv[2]]))
+"""
+
+
+def test_an_unchecked_kernel_fails_the_check_loudly(tmp_path):
+    """main() exits 1 and names the @triton.jit function no AOT example reached (compiles stubbed out)."""
+    toy = tmp_path / "aot_toy.py"
+    toy.write_text(textwrap.dedent(_TOY))
+    proc = _run(["-c", _LOUD, str(toy), str(tmp_path)], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "NOT CHECKED: @triton.jit _orphan_kernel" in proc.stderr
+    assert "_main_kernel" not in proc.stderr.split("NOT CHECKED")[-1].split("\n")[0]
+    (path,) = tmp_path.glob("aot-triton*-fixed.json")
+    assert json.loads(path.read_text())["summary"]["unchecked_jit_functions"] == ["_orphan_kernel"]
