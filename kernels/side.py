@@ -12,8 +12,12 @@ sums of db, dgamma, dbeta over fixed 16-row slices. Every config writes every sl
 not depend on BLOCK_M), so autotuning runs cannot leave stale partials behind.
 
 Caution:
-  * N (the side width, hidden / reduction factor) is held in one tile: N <= MAX_SIDE_WIDTH (1024).
-    Wider side networks run on the reference backend (tunefast/ops/side.py routes "auto" there).
+  * N (the side width, hidden / reduction factor) is held in one tile: N <= MAX_SIDE_WIDTH (512).
+    Wider side networks run on the reference backend (tunefast/ops/side.py routes "auto" there). At
+    N = 1024 the backward's (16 x 1024) fp32 tiles (p - side, zhat, dy, dz) do not fit the register file:
+    every config the AOT check tried spilled (triton 3.8, sm_80 / sm_90: 16 or 32 warps, K tiles of 16 or
+    32, 1 or 2 stages: 200-1,100 B/thread), so 1024 waits for a kernel that tiles N (two passes over
+    column chunks for the row statistics).
   * Recomputing p in the backward reads h twice there (once for p, once for dW): at bf16, d = 4096,
     16k tokens that is 128 MB more traffic per rung (~30 us on an H200), bought for not keeping p.
   * Under TRITON_INTERPRET=1 ``tl.dot`` on bf16/fp16 returns garbage, so UPCAST is set there; on a GPU
@@ -29,7 +33,7 @@ import triton.language as tl
 from .lora import dropout_matmul  # dW = dp^T h: a plain matmul with split-K over tokens
 from . import launch
 
-MAX_SIDE_WIDTH = 1024
+MAX_SIDE_WIDTH = 512
 PART_ROWS = 16  # rows per partial-sum slice in the backward (the smallest BLOCK_M)
 
 
@@ -187,7 +191,7 @@ def _slice_sums(t, SLICES: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_N: tl.co
 _INTERPRET_META = dict(BLOCK_M=32, BLOCK_D=32)
 
 # Row tiles x reduction tiles for Ampere/Hopper; the side width N is one whole tile (not tuned). The
-# narrow-BLOCK_D, few-stage tiles exist for wide side networks (N up to 1024, see _configs).
+# narrow-BLOCK_D, few-stage tiles exist for wide side networks (N up to MAX_SIDE_WIDTH, see _configs).
 _TILES = [  # BLOCK_M, BLOCK_D, num_warps, num_stages
     (16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 8, 2), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3),
     (64, 32, 4, 4), (64, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3),
@@ -196,7 +200,7 @@ _TILES = [  # BLOCK_M, BLOCK_D, num_warps, num_stages
 
 
 def _elem(named):
-    # Dot operands are staged in fp32 when upcast (N = 1024, BLOCK_D = 64, 3 stages: 800 KiB).
+    # Dot operands are staged in fp32 when upcast (N = 512, 16 rows, BLOCK_D = 64, 3 stages: 264 KiB).
     return launch.elem_bytes(named["h_ptr"], named["UPCAST"])
 
 
