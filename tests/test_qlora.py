@@ -486,14 +486,15 @@ def test_fallbacks_keep_peft_behaviour(checkpoint):
 def test_skips_with_reasons(checkpoint):
     model = qlora_model(checkpoint, "nf4", targets=["q_proj", "v_proj"], use_dora=True)
     report = tunefast.patch(model)
-    assert not report.patched and all("DoraLinearVariant" in e.reason for e in report.skipped)
+    assert [e.name for e in report.patched] == ["base_model.model.lm_head"]  # only the fused LM head
+    assert all("DoraLinearVariant" in e.reason for e in report.skipped)
 
     model = qlora_model(checkpoint, "nf4", targets=["q_proj"])
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     layer.get_base_layer().weight.quant_state.quant_type = "int4"  # what a future format would look like
     report = tunefast.patch(model)
     assert "unsupported 4-bit quantisation type 'int4'" in report.skipped[0].reason
-    assert len(report.patched) == 1
+    assert len(report.patched) == 2  # the other q_proj + the fused LM head
 
     model = qlora_model(checkpoint, "nf4", targets=["q_proj"])
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
