@@ -51,9 +51,29 @@ _DTYPE_NAMES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "i8": "i8", "u8"
 # ----------------------------------------------------------------------------------------------------
 
 
+def kernels_package():
+    """tunefast.kernels. Where the tunefast package itself does not import (a venv holding only torch and
+    triton, kept to run this check with another triton version: tunefast's top level imports
+    transformers), kernels/ alone under the same name: kernel files import nothing but torch, triton and
+    each other."""
+    try:
+        import tunefast.kernels as pkg
+
+        return pkg
+    except ImportError as e:
+        print(f"tunefast does not import here ({e}); loading kernels/ alone as tunefast.kernels", file=sys.stderr)
+    import types
+
+    top, pkg = types.ModuleType("tunefast"), types.ModuleType("tunefast.kernels")
+    top.__path__, pkg.__path__ = [], [str(ROOT / "kernels")]
+    top.kernels = pkg
+    sys.modules["tunefast"], sys.modules["tunefast.kernels"] = top, pkg
+    return pkg
+
+
 def discover():
     """(modules by name, import errors by name) of every module of tunefast.kernels."""
-    import tunefast.kernels as pkg
+    pkg = kernels_package()
 
     modules, errors = {}, {}
     for info in pkgutil.iter_modules(pkg.__path__):
@@ -151,6 +171,7 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 def _worker_init(cache_dir):
     os.environ["TRITON_CACHE_DIR"] = cache_dir
+    kernels_package()
     from triton import knobs
 
     knobs.nvidia.dump_ptxas_log = True  # printed to stdout, parsed below

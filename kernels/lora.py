@@ -194,15 +194,21 @@ def _configs(arch, named):
 
 def _fixed(arch, named, fits):
     # A mid-size tile that fits every shape here (narrow rank outputs are masked), 3 stages. Operands
-    # staged in fp32 (fp32, or bf16 x with fp32 adapters) spill on 4 warps (sm_90: 48 B/thread for the
-    # forward, 1.5 KB for dA with dropout, whose Philox words are live per element of the x tile): 8
-    # warps, and a K tile of 16 where the mask is drawn inside the K loop.
+    # staged in fp32 (fp32, or bf16 x with fp32 adapters) spill with 64 x 64 tiles: sm_90 12-20 B/thread
+    # for the fused kernel on 4 or 8 warps, 8-28 B for the epilogue-only launch on sm_80 / sm_89; 32 x 64
+    # on 4 warps was clean for every fp32 launch on sm_80 / sm_89 / sm_90 (triton 3.8's ptxas). The dropout
+    # matmul draws its mask inside the K loop (Philox words live per element of the x tile): there the
+    # clean tiles were 64 x 64 x 16 for fp32 operands and 32 x 64 x 32 for upcast bf16 ones.
     fp32 = named.get("UPCAST", False) or named.get("UPCAST_MAIN", False) or named.get("UPCAST_LR", False) or \
         named["a_ptr"].element_size() == 4 or named.get("l_ptr", named["a_ptr"]).element_size() == 4
     if not fp32:
         return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
-    block_k = 16 if named.get("DROP_A") or named.get("DROP_B") else 32
-    return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8), num_warps=8, num_stages=3)
+    if named.get("DROP_A") or named.get("DROP_B"):
+        m, k = (32, 32) if named["UPCAST"] else (64, 16)
+        return triton.Config(dict(BLOCK_M=m, BLOCK_N=64, BLOCK_K=k, GROUP_M=8), num_warps=4, num_stages=3)
+    if "DROP_A" in named:  # the dropout matmul without a mask (dB, dxa): 64 x 64 on 8 warps was clean
+        return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=8, num_stages=3)
+    return triton.Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
 
 
 def _linear_smem(c, named):

@@ -37,8 +37,8 @@ Caution:
     gradients (flash-attention's convention; tunefast/reference/prefix_attention.py agrees).
   * The dropout seed and threshold are never specialised (do_not_specialize): Triton turns an int equal
     to 1 into a constexpr, which the Philox code cannot widen (found by the AOT compile, not the interpreter).
-  * Launches go through kernels/launch.py: configs per head-dim tile and dtype (_FWD_TILES, _BWD_TILES),
-    the shared-memory rule per arch, autotune on/off; the interpreter uses one small fixed config.
+  * Launches go through kernels/launch.py: configs per head-dim tile, dtype and extras (_FWD_TILES ..
+    _DKDV_FP32), the shared-memory rule per arch, autotune on/off; the interpreter uses one small fixed config.
 """
 
 import torch
@@ -439,36 +439,77 @@ def _elem(named) -> int:
     return launch.elem_bytes(named["q_ptr"], named["UPCAST"])
 
 
-# Tiles per head-dim tile (BLOCK_D) as (BLOCK_M, BLOCK_N, warps, stages); the first fitting one is the
-# fixed config (TUNEFAST_AUTOTUNE=0). Registers, not shared memory, are what spill: the forward holds an
-# fp32 (BLOCK_M, BLOCK_D) accumulator, the dK/dV program two fp32 (BLOCK_N, BLOCK_D) ones plus its K and
-# V tiles (at BLOCK_D = 128, BLOCK_N = 64, 4 warps: 2 x 64 registers per thread of accumulators alone,
-# issue 10's spill), so the backward's fixed tiles shrink with the head dim. Not yet confirmed by the
-# AOT check's ptxas log for every arch (see the report).
+# Tiles per head-dim tile (BLOCK_D) as (BLOCK_M, BLOCK_N, warps, stages); the first one whose shared
+# memory fits the arch is the fixed config (TUNEFAST_AUTOTUNE=0), the rest are autotune candidates.
+# Registers, not shared memory, are what spill, and the first entries below are the ones the AOT check's
+# ptxas log (triton 3.8, sm_80 / sm_89 / sm_90) showed clean; ptxas is not monotone in the tile size
+# (e.g. the fp32 dK/dV kernel at BLOCK_D = 128: 16 x 16 x 8 warps x 1 stage spills 44 B, 16 x 32 does not).
+#   * fp16 / bf16 (tensor cores): the forward holds an fp32 (BLOCK_M, BLOCK_D) accumulator, dK/dV two
+#     fp32 (BLOCK_N, BLOCK_D) ones plus its K and V tiles.
+#   * _HEAVY: launches with dropout or a score bias also hold the Philox words / bias tile of every
+#     (BLOCK_M, BLOCK_N) score (sm_90, D = 32, 64 x 64 x 4 warps: 272 B/thread of spills in the forward,
+#     1 KB in dK/dV), so their fixed tiles are smaller.
+#   * fp32 operands: with "ieee" precision (torch's default "highest") tl.dot runs on FMA units, whose
+#     operand layout holds a whole K extent per thread: the forward at D = 128, 64 x 32 x 4 warps spilled
+#     9.6 KB/thread (and needed 106 KB of shared memory, over the RTX 4090's 99 KB). The fp32 tables use
+#     16- and 32-wide tiles, and more warps at large head dims.
 _FWD_TILES = {
     64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2)],
     128: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
     256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (16, 32, 4, 2)],
 }
-_BWD_TILES = {
+_BWD_TILES = {  # dQ
     64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 64, 4, 2)],
     128: [(32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2), (16, 32, 4, 2)],
     256: [(16, 32, 8, 1), (32, 32, 8, 1), (16, 16, 4, 1)],
 }
+# dK/dV: the fp32 accumulators are per key, so its tiles differ from dQ's (sm_80, D = 32, 32 x 32 x 4 warps
+# spilled 8 B without dropout and none with it; 16 x 32 x 8 warps x 1 stage spilled 32-36 B at D = 256)
+_DKDV_TILES = {
+    64: [(32, 32, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+    128: [(32, 32, 8, 2), (32, 16, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
+    256: [(16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)],
+}
+_FWD_HEAVY = {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 64, 8, 2)]}
+_DQ_HEAVY = {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 32, 8, 1)]}
+_DKDV_HEAVY = {64: [(32, 32, 4, 2)], 128: [(32, 32, 8, 2)], 256: [(16, 32, 4, 1)]}
+_FWD_FP32 = {
+    64: [(32, 16, 4, 2), (32, 32, 4, 2), (16, 32, 8, 1)],
+    128: [(32, 16, 8, 2), (16, 16, 4, 2)],
+    256: [(32, 16, 8, 2), (16, 16, 4, 2)],
+}
+_DQ_FP32 = {
+    64: [(32, 16, 4, 2), (32, 32, 4, 2)],
+    128: [(32, 16, 8, 2), (16, 16, 4, 2)],
+    256: [(32, 16, 8, 2), (16, 16, 4, 2)],  # 32 x 16 needs 102,400 B at D = 256: not on an RTX 4090
+}
+_DKDV_FP32 = {
+    64: [(16, 32, 8, 1), (32, 16, 8, 2)],
+    128: [(16, 32, 8, 1)],
+    256: [(16, 32, 8, 1), (16, 16, 8, 1)],  # 16 x 32 needs 100,352 B at D = 256: the RTX 4090 takes 16 x 16
+}
 
 
-def _tiles(table, named):
-    tiles = table[min(t for t in table if t >= named["BLOCK_D"])]
-    if _elem(named) == 4:  # fp32 operands: twice the bytes per tile, keep the smaller tiles
-        small = sorted(tiles, key=lambda t: t[0] * t[1])[: max(2, len(tiles) // 2)]
-        tiles = [t for t in tiles if t in small]
+def _for_head_dim(table, named):
+    return table[min(t for t in table if t >= named["BLOCK_D"])]
+
+
+def _tiles(tables, named):
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates of one launch, the intended fixed tile first."""
+    plain, heavy, fp32 = tables
+    if _elem(named) == 4:
+        return _for_head_dim(fp32, named)
+    tiles = _for_head_dim(plain, named)
+    if named["DROPOUT"] or named["HAS_BIAS"]:
+        first = _for_head_dim(heavy, named)
+        tiles = first + [t for t in tiles if t not in first]
     return tiles
 
 
-def _configs(table):
+def _configs(*tables):
     def configs(arch, named):
         return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
-                for m, n, w, st in _tiles(table, named)]
+                for m, n, w, st in _tiles(tables, named)]
     return configs
 
 
@@ -486,9 +527,12 @@ def _bwd_smem(c, named):
 
 # One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
 _INTERPRET = dict(BLOCK_M=32, BLOCK_N=32)
-_FWD = launch.Kernel(_fwd_kernel, configs=_configs(_FWD_TILES), smem=_fwd_smem, interpret=_INTERPRET)
-_DQ = launch.Kernel(_dq_kernel, configs=_configs(_BWD_TILES), smem=_bwd_smem, interpret=_INTERPRET)
-_DKDV = launch.Kernel(_dkdv_kernel, configs=_configs(_BWD_TILES), smem=_bwd_smem, interpret=_INTERPRET)
+_FWD = launch.Kernel(_fwd_kernel, configs=_configs(_FWD_TILES, _FWD_HEAVY, _FWD_FP32), smem=_fwd_smem,
+                     interpret=_INTERPRET)
+_DQ = launch.Kernel(_dq_kernel, configs=_configs(_BWD_TILES, _DQ_HEAVY, _DQ_FP32), smem=_bwd_smem,
+                    interpret=_INTERPRET)
+_DKDV = launch.Kernel(_dkdv_kernel, configs=_configs(_DKDV_TILES, _DKDV_HEAVY, _DKDV_FP32), smem=_bwd_smem,
+                      interpret=_INTERPRET)
 _DELTA = launch.Kernel(
     _delta_kernel, configs=lambda arch, named: [triton.Config(dict(BLOCK_M=64), num_warps=4, num_stages=1)],
     smem=lambda c, named: 0, interpret=dict(BLOCK_M=64), key=(),
