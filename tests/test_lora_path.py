@@ -15,6 +15,7 @@ from tests.test_patch_lora import assert_rel_close
 from tests.tolerances import assert_close_to_oracle
 from tunefast import info as tinfo
 from tunefast.kernels import launch
+from tunefast.ops import _lowrank as lowrank
 from tunefast.ops import lora as oplora
 from tunefast.ops import lora_path as lp
 
@@ -40,13 +41,13 @@ def ran(monkeypatch):
     calls = {"fwd:triton": 0, "fwd:cublas": 0, "dx:triton": 0, "dx:cublas": 0}
     for name, key in (("_fused_forward", "fwd:triton"), ("_cublas_forward", "fwd:cublas"),
                       ("_fused_dx", "dx:triton"), ("_cublas_dx", "dx:cublas")):
-        impl = getattr(oplora, name)
+        impl = getattr(lowrank, name)
 
         def counted(*args, _impl=impl, _key=key):
             calls[_key] += 1
             return _impl(*args)
 
-        monkeypatch.setattr(oplora, name, counted)
+        monkeypatch.setattr(lowrank, name, counted)
     return calls
 
 

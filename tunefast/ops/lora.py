@@ -33,15 +33,12 @@ from torch import Tensor
 from .. import backend as _backend
 from ..reference import dropout as rd
 from ..reference import lora as ref
-from ._common import rows_to_shape
-from . import lora_path
 from ._checks import check_dora_args, check_lora_args
-
-_SEED_HIGH = 2**62  # seeds are non-negative int64 (see reference/dropout.py)
-
-
-def _x2d(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1])
+from ._common import rows_to_shape, save_named, saved_named
+from ._lowrank import SEED_HIGH as _SEED_HIGH
+from ._lowrank import triton_forward as _triton_forward
+from ._lowrank import triton_backward as _triton_backward
+from ._lowrank import flat_rows as _x2d
 
 
 def _fwd_impl(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale, backend):
@@ -141,10 +138,10 @@ def _setup_context(ctx, inputs, output):
     zero_cols = _zero_columns(col_scale) if need_dg else None
     keep_x = need_da or zero_cols is not None
     ctx.keep_xas = need_db or zero_cols is not None
-    ctx.save_for_backward(
-        x if keep_x else None, weight, *lora_a, *lora_b, *(xas if ctx.keep_xas else ()), seeds,
-        col_scale, y if need_dg else None, bias if need_dg else None,
-        zero_cols if isinstance(zero_cols, Tensor) else None,
+    save_named(
+        ctx, x=x if keep_x else None, weight=weight, lora_a=list(lora_a), lora_b=list(lora_b),
+        xas=list(xas) if ctx.keep_xas else [], seeds=seeds, col_scale=col_scale, y=y if need_dg else None,
+        bias=bias if need_dg else None, zero_cols=zero_cols if isinstance(zero_cols, Tensor) else None,
     )
     ctx.n = len(lora_a)
     ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad, need_dg)
@@ -178,13 +175,11 @@ def _col_scale_grad(grad_y, x, weight, y, bias, col_scale, lora_b, xas, scalings
 
 
 def _backward(ctx, grad_y, _grad_xas):
-    saved = ctx.saved_tensors
+    saved = saved_named(ctx)
     n = ctx.n
-    x, weight = saved[0], saved[1]
-    lora_a, lora_b = list(saved[2 : 2 + n]), list(saved[2 + n : 2 + 2 * n])
+    x, weight, lora_a, lora_b, xas = saved["x"], saved["weight"], saved["lora_a"], saved["lora_b"], saved["xas"]
     need_da, need_db, need_dbias, need_dg = ctx.flags
-    xas = list(saved[2 + 2 * n : -5]) if ctx.keep_xas else []
-    seeds, col_scale, y, bias, zero_cols = saved[-5:]
+    seeds, col_scale, y, bias, zero_cols = (saved[k] for k in ("seeds", "col_scale", "y", "bias", "zero_cols"))
     scalings, dropout_p, backend = ctx.static
     eager = getattr(ctx, "eager", False)  # set by _EagerLoraLinear; the registered op traces its bwd op
     need_dx = ctx.needs_input_grad[1 if eager else 0]
@@ -291,115 +286,3 @@ def dora_weight_norm(weight, lora_a, lora_b, scalings, magnitude, dropout_p, tra
     with torch.no_grad():
         norm = lowrank_row_norm(weight, lora_a[0].detach(), lora_b[0].detach(), float(scalings[0]), backend)
     return norm.to(magnitude.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Triton composition (kernels/lora.py): one fused launch per layer for the common single-adapter case.
-# ----------------------------------------------------------------------------------------------------
-
-
-def _seed_slot(seeds, i):
-    return None if seeds is None else seeds[i : i + 1]
-
-
-def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale=None):
-    from ..kernels import lora as kl
-
-    xas = [
-        kl.dropout_matmul(
-            x2d, a.t(), a.dtype, rd.keep_scale(p), _seed_slot(seeds, i), rd.keep_threshold(p), drop="a"
-        )
-        for i, (a, p) in enumerate(zip(lora_a, dropout_p))
-    ]
-    m, n, k = x2d.shape[0], weight.shape[0], weight.shape[1]
-    runners = {
-        "triton": lambda: _fused_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale),
-        "cublas": lambda: _cublas_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale),
-    }
-    path = lora_path.pick("fwd", m, n, k, tuple(a.shape[0] for a in lora_a), x2d.dtype, lora_a[0].dtype,
-                          any(p > 0 for p in dropout_p), col_scale is not None, x2d.device, runners)
-    return runners[path](), xas
-
-
-def _fused_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale):
-    """The "triton" path: y (M, N) = g * (x W^T + sum_i s_i xa_i B_i^T) + b in one launch per adapter."""
-    from ..kernels import lora as kl
-
-    y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
-    for i, (xa, b, s) in enumerate(zip(xas, lora_b, scalings)):
-        # Adapter 0 is fused with the base product; further adapters add onto y (rare: multi-adapter).
-        first = i == 0
-        kl.lora_linear(y, x2d, weight.t(), bias if first else None, xa, b.t(), s, has_main=first, accumulate=not first,
-                       col_scale=col_scale)
-    return y
-
-
-def _cublas_forward(x2d, weight, bias, xas, lora_b, scalings, col_scale):
-    """The "cublas" path: y (M, N) = F.linear(x, W, b) (PEFT's GEMM), then each s_i xa_i B_i^T added in
-    place; with a column scale g, y = g * (x W^T + low-rank) + b by two in-place passes."""
-    y = F.linear(x2d, weight, bias if col_scale is None else None)
-    for xa, b, s in zip(xas, lora_b, scalings):
-        _add_lowrank(y, xa, b.t(), s)
-    if col_scale is not None:
-        y.mul_(col_scale)
-        if bias is not None:
-            y.add_(bias)
-    return y
-
-
-def _add_lowrank(out, lo, up, scale, seed=None, threshold=0):
-    """out (M, N) += scale * keep * (lo (M, R) @ up (R, N)) in place; keep is the dropout mask of ``seed``
-    drawn for an (M, N) x. cuBLAS's addmm_ where nothing needs the mask or a dtype change; else the Triton
-    epilogue kernel alone (fp32 accumulation of out + the product, one rounding, as PEFT's promotion)."""
-    from ..kernels import lora as kl
-
-    if lo.shape[1] == 0 or out.numel() == 0:
-        return out
-    masked = seed is not None and threshold > 0
-    if not masked and lo.dtype == out.dtype and up.dtype == out.dtype:
-        return out.addmm_(lo, up, alpha=scale)
-    return kl.lora_linear(out, out, out, None, lo, up, scale, seed, threshold, has_main=False, accumulate=True)
-
-
-def _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs):
-    from ..kernels import lora as kl
-
-    need_dx, need_da, need_db = needs
-    das, dbs, dxas = [], [], []
-    for i, (a, b, s, p) in enumerate(zip(lora_a, lora_b, scalings, dropout_p)):
-        seed, thr, keep_scale = _seed_slot(seeds, i), rd.keep_threshold(p), rd.keep_scale(p)
-        if need_db:
-            dbs.append(kl.dropout_matmul(dy2d.t(), xas[i], b.dtype, s))
-        dxa = kl.dropout_matmul(dy2d, b, a.dtype, s)
-        if need_da:
-            das.append(kl.dropout_matmul(dxa.t(), x2d, a.dtype, keep_scale, seed, thr, drop="b"))
-        dxas.append(dxa)
-    if not need_dx:
-        return None, das, dbs
-    m, n, k = dy2d.shape[0], weight.shape[1], weight.shape[0]
-    runners = {
-        "triton": lambda: _fused_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds),
-        "cublas": lambda: _cublas_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds),
-    }
-    path = lora_path.pick("dx", m, n, k, tuple(a.shape[0] for a in lora_a), dy2d.dtype, lora_a[0].dtype,
-                          any(p > 0 for p in dropout_p), False, dy2d.device, runners)
-    return runners[path](), das, dbs
-
-
-def _fused_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds):
-    """The "triton" path: dx (M, K) = dy W + sum_i keep_i / (1 - p_i) * (dxa_i A_i), one launch per adapter."""
-    from ..kernels import lora as kl
-
-    dx = torch.empty((dy2d.shape[0], weight.shape[1]), device=dy2d.device, dtype=dy2d.dtype)
-    for i, (a, dxa, p) in enumerate(zip(lora_a, dxas, dropout_p)):
-        kl.lora_linear(dx, dy2d, weight, None, dxa, a, rd.keep_scale(p), _seed_slot(seeds, i), rd.keep_threshold(p),
-                       has_main=i == 0, accumulate=i > 0)
-    return dx
-
-
-def _cublas_dx(dy2d, weight, lora_a, dxas, dropout_p, seeds):
-    """The "cublas" path: dx = dy @ W by torch, then each adapter's masked term added in place."""
-    dx = torch.mm(dy2d, weight)
-    for i, (a, dxa, p) in enumerate(zip(lora_a, dxas, dropout_p)):
-        _add_lowrank(dx, dxa, a, rd.keep_scale(p), _seed_slot(seeds, i), rd.keep_threshold(p))
-    return dx

@@ -25,9 +25,12 @@ from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import quant as rq
 from ..reference.quant import QuantWeight
-from ._common import rows_to_shape
+from ._common import rows_to_shape, save_named, saved_named
 from ._checks import check_lora_args, check_same_device
-from .lora import _SEED_HIGH, _triton_backward, _triton_forward, _x2d
+from ._lowrank import SEED_HIGH as _SEED_HIGH
+from ._lowrank import flat_rows as _x2d
+from ._lowrank import triton_backward as _triton_backward
+from ._lowrank import triton_forward as _triton_forward
 
 __all__ = ["QuantWeight", "qlora_linear", "check_quant_weight"]
 
@@ -175,9 +178,8 @@ def _setup_context(ctx, inputs, output):
     need_da = any(a.requires_grad for a in lora_a)
     need_db = any(b.requires_grad for b in lora_b)
     # The packed tensors are the module's own (no new memory); no dense weight is saved.
-    ctx.save_for_backward(
-        x if need_da else None, *quant_tensors, *lora_a, *lora_b, *(xas if need_db else ()), seeds
-    )
+    save_named(ctx, x=x if need_da else None, quant=list(quant_tensors), lora_a=list(lora_a), lora_b=list(lora_b),
+               xas=list(xas) if need_db else [], seeds=seeds)
     ctx.n = len(lora_a)
     ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad)
     # bitsandbytes' backward: dequantise to QuantState.dtype, then cast to the gradient's dtype (C)
@@ -186,13 +188,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, _grad_xas):
-    saved = ctx.saved_tensors
-    n, q = ctx.n, _N_QUANT_TENSORS
-    x, quant_tensors = saved[0], saved[1 : 1 + q]
-    lora_a, lora_b = list(saved[1 + q : 1 + q + n]), list(saved[1 + q + n : 1 + q + 2 * n])
+    saved = saved_named(ctx)
+    n = ctx.n
+    x, quant_tensors, lora_a, lora_b = saved["x"], saved["quant"], saved["lora_a"], saved["lora_b"]
     need_da, need_db, need_dbias = ctx.flags
-    xas = list(saved[1 + q + 2 * n : -1]) if need_db else []
-    seeds = saved[-1]
+    xas, seeds = saved["xas"], saved["seeds"]
     quant_type, shape, blocksizes, rounds, scalings, dropout_p, backend = ctx.static
     need_dx = ctx.needs_input_grad[0]
     if x is None:  # dA not needed, so x was not kept

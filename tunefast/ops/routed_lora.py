@@ -18,10 +18,9 @@ from torch import Tensor
 from .. import backend as _backend
 from ..reference import dropout as rd
 from ..reference import routed_lora as ref
-from ._common import rows_to_shape
+from ._common import rows_to_shape, save_named, saved_named
 from ._checks import check_lora_args
-
-_SEED_HIGH = 2**62
+from ._lowrank import SEED_HIGH as _SEED_HIGH
 
 
 @torch.library.custom_op("tunefast::routed_lora_linear_fwd", mutates_args=())
@@ -65,15 +64,17 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, adapter_ids, backend = inputs
     need_da = any(a.requires_grad for a in lora_a)
     need_db = any(b.requires_grad for b in lora_b)
-    ctx.save_for_backward(x, weight, output[1], seeds, adapter_ids, *lora_a, *lora_b)
+    save_named(ctx, x=x, weight=weight, xa_sorted=output[1], seeds=seeds, adapter_ids=adapter_ids,
+               lora_a=list(lora_a), lora_b=list(lora_b))
     ctx.n = len(lora_a)
     ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad)
     ctx.static = (list(scalings), list(dropout_p), backend)
 
 
 def _backward(ctx, grad_y, _grad_xa):
-    x, weight, xa_sorted, seeds, adapter_ids, *ab = ctx.saved_tensors
-    lora_a, lora_b = ab[: ctx.n], ab[ctx.n :]
+    saved = saved_named(ctx)
+    x, weight, xa_sorted, seeds, adapter_ids, lora_a, lora_b = (
+        saved[k] for k in ("x", "weight", "xa_sorted", "seeds", "adapter_ids", "lora_a", "lora_b"))
     need_da, need_db, need_dbias = ctx.flags
     scalings, dropout_p, backend = ctx.static
     need_dx = ctx.needs_input_grad[0]
