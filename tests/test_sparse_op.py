@@ -24,15 +24,13 @@ needs_native = pytest.mark.skipif(not _native.SPARSE_CPU, reason=f"tunefast._C s
 
 
 @pytest.fixture
-def backend_for(monkeypatch):
-    """impl name -> the backend string that selects it (plain torch: the native kernels hidden)."""
+def backend_for():
+    """impl name -> the backend string that selects it ("reference" is plain torch)."""
 
     def pick(impl):
         if impl == "native" and not _native.SPARSE_CPU:
             pytest.skip(f"tunefast._C without sparse kernels: {_native.CPU_ERROR}")
-        if impl == "torch":
-            monkeypatch.setattr(_native, "sparse_usable", lambda device: (False, "hidden by the test"))
-        backend = "triton" if impl == "triton" else "reference"
+        backend = {"triton": "triton", "native": "native", "torch": "reference"}[impl]
         assert osp.implementation(backend, torch.device("cpu")) == impl
         return backend
 

@@ -44,10 +44,12 @@ from ._lowrank import flat_rows as _x2d
 def _fwd_impl(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale, backend):
     x2d = _x2d(x)
     args = (x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale)
-    if _backend.resolve(backend, x.device) == "triton":
+    impl = _backend.resolve(backend, x.device)
+    if impl == "triton":
         y2d, xas = _triton_forward(*args)
     else:
-        y2d, xas = ref.forward(*args)
+        with _backend.native_kernels(impl == "native"):
+            y2d, xas = ref.forward(*args)
     return rows_to_shape(y2d, x.shape[:-1]), xas
 
 
@@ -78,10 +80,12 @@ def _bwd_impl(grad_y, x, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds
     need_dx, need_da, need_db = needs
     dy2d = _x2d(grad_y)
     x2d = _x2d(x) if need_da else x  # without dA, x is an empty placeholder (it was not kept)
-    if _backend.resolve(backend, grad_y.device) == "triton":
+    impl = _backend.resolve(backend, grad_y.device)
+    if impl == "triton":
         dx, das, dbs = _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs)
     else:
-        dx, das, dbs = ref.backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, *needs)
+        with _backend.native_kernels(impl == "native"):
+            dx, das, dbs = ref.backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, *needs)
     dx = dx.view(*grad_y.shape[:-1], weight.shape[1]) if need_dx else grad_y.new_empty(0)
     return dx, das or [], dbs or []
 
@@ -254,7 +258,7 @@ def lora_linear(
             ``m / ||W + s B A||_row * (x W^T + s (x A^T) B^T) + b`` with the norm detached (PEFT's DoRA),
             computed by a fused low-rank row norm that never forms B A.
         training: when False dropout is off, as for ``nn.Dropout`` in eval mode.
-        backend: "auto", "triton" or "reference" (see tunefast.backend).
+        backend: "auto", "triton", "native" or "reference" (see tunefast.backend).
 
     Returns:
         (*, N) tensor of x's dtype. The base weight never receives a gradient.

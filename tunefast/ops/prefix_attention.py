@@ -189,7 +189,7 @@ def prefix_attention(
             Philox mask of tunefast/reference/dropout.py, regenerated in the backward (nothing stored).
         seed: the mask's seed (non-negative int); None draws one from torch's default generator, so
             torch.manual_seed and non-reentrant checkpointing (which restores the RNG state) repeat it.
-        backend: "auto", "triton" or "reference" (see tunefast.backend).
+        backend: "auto", "triton", "native" or "reference" (see tunefast.backend).
 
     Returns:
         (B, Hq, T, D) tensor of q's dtype (a transposed view of (B, T, Hq, D) storage, so that

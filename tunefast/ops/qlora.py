@@ -100,12 +100,14 @@ def _qlora_linear_fwd(
     ``grad_round_dtype``, then ``round_dtype`` (read by autograd, unused here)."""
     qw = _q_weight(qdata, absmax, absmax_code, absmax_scale, offset, quant_type, shape, blocksizes)
     x2d = _x2d(x)
-    use_triton = _backend.resolve(backend, x.device) == "triton"
+    impl = _backend.resolve(backend, x.device)
+    use_triton = impl == "triton"
     weight = _dequantize(qw, x.dtype, [round_dtype], use_triton)
     if use_triton:
         y2d, xas = _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
     else:
-        y2d, xas = ref.forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
+        with _backend.native_kernels(impl == "native"):
+            y2d, xas = ref.forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
     return rows_to_shape(y2d, x.shape[:-1]), xas
 
 
@@ -144,7 +146,8 @@ def _qlora_linear_bwd(
     qw = _q_weight(qdata, absmax, absmax_code, absmax_scale, offset, quant_type, shape, blocksizes)
     dy2d = _x2d(grad_y)
     x2d = _x2d(x) if need_da else x  # without dA, x is an empty placeholder (it was not kept)
-    use_triton = _backend.resolve(backend, grad_y.device) == "triton"
+    impl = _backend.resolve(backend, grad_y.device)
+    use_triton = impl == "triton"
     if need_dx:
         weight = _dequantize(qw, grad_y.dtype, [round_first, round_second], use_triton)
     else:
@@ -152,7 +155,8 @@ def _qlora_linear_bwd(
     if use_triton:
         dx, das, dbs = _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs)
     else:
-        dx, das, dbs = ref.backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, *needs)
+        with _backend.native_kernels(impl == "native"):
+            dx, das, dbs = ref.backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, *needs)
     dx = dx.view(*grad_y.shape[:-1], shape[1]) if need_dx else grad_y.new_empty(0)
     return dx, das or [], dbs or []
 

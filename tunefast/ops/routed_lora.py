@@ -29,8 +29,10 @@ def _routed_fwd(
     scalings: list[float], dropout_p: list[float], seeds: Optional[Tensor], adapter_ids: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
     x2d = x.reshape(-1, x.shape[-1])
-    impl = _triton_forward if _backend.resolve(backend, x.device) == "triton" else ref.forward
-    y2d, xa_sorted = impl(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, adapter_ids)
+    which = _backend.resolve(backend, x.device)
+    impl = _triton_forward if which == "triton" else ref.forward
+    with _backend.native_kernels(which == "native"):
+        y2d, xa_sorted = impl(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, adapter_ids)
     return rows_to_shape(y2d, x.shape[:-1]), xa_sorted
 
 
@@ -48,8 +50,10 @@ def _routed_bwd(
     needs: list[bool], backend: str,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     dy2d, x2d = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-    impl = _triton_backward if _backend.resolve(backend, grad_y.device) == "triton" else ref.backward
-    dx, das, dbs = impl(dy2d, x2d, weight, lora_a, lora_b, xa_sorted, scalings, dropout_p, seeds, adapter_ids, *needs)
+    which = _backend.resolve(backend, grad_y.device)
+    impl = _triton_backward if which == "triton" else ref.backward
+    with _backend.native_kernels(which == "native"):
+        dx, das, dbs = impl(dy2d, x2d, weight, lora_a, lora_b, xa_sorted, scalings, dropout_p, seeds, adapter_ids, *needs)
     dx = dx.view(*grad_y.shape[:-1], weight.shape[1]) if needs[0] else grad_y.new_empty(0)
     return dx, das or [], dbs or []
 

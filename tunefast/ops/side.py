@@ -183,7 +183,7 @@ def ladder_merge(
         norm_weight: (N,) scale of the norm; norm_bias: (N,) shift (LayerNorm only) or None.
         eps: added to the variance (LayerNorm) or mean square (RMSNorm).
         norm: "rmsnorm" or "layernorm", over the N side features.
-        backend: "auto", "triton" or "reference" (see tunefast.backend).
+        backend: "auto", "triton", "native" or "reference" (see tunefast.backend).
 
     Returns:
         (*, N) tensor of weight's dtype. h may have another dtype (bf16 backbone, fp32 side network):
@@ -336,7 +336,7 @@ def side_lm_loss(
         lm_weight: (V, D) frozen LM-head weight; lm_bias: (V,) or None.
         targets: (M,) int64 class per row, -100 to ignore (already shifted for a causal LM).
         chunk_rows: reference backend: rows of logits formed at once (default: ~16M logits per chunk).
-        backend: "auto", "triton" or "reference" for the fused loss (see tunefast.backend).
+        backend: "auto", "triton", "native" or "reference" for the fused loss (see tunefast.backend).
 
     Returns:
         0-d float32 tensor.

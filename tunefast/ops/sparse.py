@@ -18,8 +18,8 @@ dense (N, K) copy of the weight.
 
 Implementations (``implementation()``): "triton" (kernels/sparse.py: CUDA tensors, or CPU under
 TRITON_INTERPRET=1), "native" (tunefast._C on CPU: OpenMP SDDMM and SpMM; tunefast._C_cuda on a GPU:
-the SDDMM, with the SpMM from torch), "torch" (tunefast/reference/sparse.py). The dense products are
-always torch's (MKL, cuBLAS).
+the SDDMM, with the SpMM from torch; backend "native", or "auto" without Triton), "torch"
+(tunefast/reference/sparse.py; backend "reference"). The dense products are always torch's (MKL, cuBLAS).
 """
 
 from __future__ import annotations
@@ -119,9 +119,10 @@ def sparse_structure(indices, shape: tuple[int, int], *, check: bool = True) -> 
 def implementation(backend: str, device) -> str:
     """"triton", "native" or "torch": what runs the sparse parts for ``backend`` on ``device``."""
     device = torch.device(device)
-    if _backend.resolve(backend, device) == "triton":
+    impl = _backend.resolve(backend, device)
+    if impl == "triton":
         return "triton"
-    return "native" if _native.sparse_usable(device)[0] else "torch"
+    return "native" if impl == "native" and _native.sparse_usable(device)[0] else "torch"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,8 +321,8 @@ def sparse_linear(
         structures: per delta, a :class:`SparseStructure` from :func:`sparse_structure` (cache it: it
             sorts), or its (nnz_i,) int64 flat indices r * K + c, strictly increasing, checked and
             converted on every call (a single structure, tensor or list of ints: one delta).
-        backend: "auto", "triton" or "reference" (see tunefast.backend; "reference" runs the native
-            C++/CUDA kernels when built, else plain PyTorch).
+        backend: "auto", "triton", "native" (the C++/CUDA kernels) or "reference" (plain PyTorch);
+            see tunefast.backend.
 
     Returns:
         (*, N) tensor of x's dtype: the dense product in x's dtype, each delta's term added in fp32 and

@@ -16,25 +16,32 @@ import torch.nn.functional as F
 from . import dropout as rd
 
 
+def _native_ok(device: torch.device) -> bool:
+    """Only inside an op running backend "native" (tunefast.backend.native_kernels): "reference" is plain
+    PyTorch, the oracle."""
+    from .. import backend
+
+    return backend.native_enabled() and backend.native_usable(device)[0]
+
+
 def apply_dropout(x2d: torch.Tensor, seed: int, p: float, row_start: int = 0) -> torch.Tensor:
     """x2d with the counter-based mask of ``seed`` applied (kept elements scaled by 1/(1-p)); its
     first row is row ``row_start`` of the matrix the mask is drawn for."""
     if p == 0.0 or x2d.numel() == 0:
         return x2d
-    from .. import _native
+    if _native_ok(x2d.device):
+        from .. import _native
 
-    native_ok = _native.CPU_AVAILABLE if x2d.device.type == "cpu" else _native.cuda_usable()[0]
-    if native_ok:
         return _native.dropout_apply(x2d, seed, p, row_start=row_start)  # one fused pass, OpenMP on CPU
     return rd.dropout(x2d, seed, p, row_start)
 
 
 def keep_mask(shape, seed: int, p: float, device, row_start: int = 0) -> torch.Tensor:
-    """Boolean keep mask (M, K) of ``seed``: native kernel when built, else plain PyTorch."""
-    from .. import _native
+    """Boolean keep mask (M, K) of ``seed``: the native kernel under backend "native", else plain PyTorch
+    (bit for bit the same mask)."""
+    if _native_ok(torch.device(device)):
+        from .. import _native
 
-    native_ok = _native.CPU_AVAILABLE if device.type == "cpu" else _native.cuda_usable()[0]
-    if native_ok:
         return _native.keep_mask(seed, shape[0], shape[1], p, row_start, device=device)
     return rd.keep_mask(seed, shape[0], shape[1], p, device=device, row_start=row_start)
 
