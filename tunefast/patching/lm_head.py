@@ -268,7 +268,8 @@ def apply(model, backend: str):
     inputs = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
     if inputs is not None and getattr(inputs, "weight", None) is head.weight:
         detail.append("weight tied to the input embeddings")
-    kernel = f"linear_cross_entropy[{_backend.resolve(backend, _device(model))}]"
+    impl = _backend.resolve(backend, _device(model))
+    kernel = f"linear_cross_entropy[{'reference' if impl == 'native' else impl}]"  # no native twin: reference math
     return [PatchedEntry(name, kernel, "; ".join(detail))]
 
 
