@@ -201,13 +201,15 @@ def _fixed(arch, named, fits):
     # clean tiles were 64 x 64 x 16 for fp32 operands and 32 x 64 x 32 for upcast bf16 ones.
     fp32 = named.get("UPCAST", False) or named.get("UPCAST_MAIN", False) or named.get("UPCAST_LR", False) or \
         named["a_ptr"].element_size() == 4 or named.get("l_ptr", named["a_ptr"]).element_size() == 4
-    if not fp32:
-        return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
+    if not fp32:  # fp16 / bf16: on 4 warps the epilogue-only launch (rank <= 16) spilled 12 B on sm_80
+        return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=8, num_stages=3)
     if named.get("DROP_A") or named.get("DROP_B"):
         m, k = (32, 32) if named["UPCAST"] else (64, 16)
         return triton.Config(dict(BLOCK_M=m, BLOCK_N=64, BLOCK_K=k, GROUP_M=8), num_warps=4, num_stages=3)
     if "DROP_A" in named:  # the dropout matmul without a mask (dB, dxa): 64 x 64 on 8 warps was clean
         return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=8, num_stages=3)
+    if not named["HAS_MAIN"]:  # the epilogue-only launch: 32 x 64 spilled 8 B on sm_90 (rank <= 16), 64 x 32 not
+        return triton.Config(dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
     return triton.Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
 
 

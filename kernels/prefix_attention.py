@@ -464,44 +464,52 @@ _BWD_TILES = {  # dQ
     256: [(16, 32, 8, 1), (32, 32, 8, 1), (16, 16, 4, 1)],
 }
 # dK/dV: the fp32 accumulators are per key, so its tiles differ from dQ's (sm_80, D = 32, 32 x 32 x 4 warps
-# spilled 8 B without dropout and none with it; 16 x 32 x 8 warps x 1 stage spilled 32-36 B at D = 256)
+# spilled 8 B without dropout and none with it, 32 x 32 x 8 warps 20 B; 16 x 32 x 8 warps x 1 stage spilled
+# 32-36 B at D = 256)
 _DKDV_TILES = {
+    32: [(64, 64, 4, 2), (32, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
     64: [(32, 32, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
     128: [(32, 32, 8, 2), (32, 16, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
     256: [(16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)],
 }
-_FWD_HEAVY = {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 64, 8, 2)]}
+_FWD_HEAVY = {32: [(32, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 64, 8, 2)]}
 _DQ_HEAVY = {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 32, 8, 1)]}
 _DKDV_HEAVY = {64: [(32, 32, 4, 2)], 128: [(32, 32, 8, 2)], 256: [(16, 32, 4, 1)]}
 _FWD_FP32 = {
-    64: [(32, 16, 4, 2), (32, 32, 4, 2), (16, 32, 8, 1)],
+    64: [(16, 32, 8, 1), (32, 16, 4, 2), (32, 32, 4, 2)],
     128: [(32, 16, 8, 2), (16, 16, 4, 2)],
     256: [(32, 16, 8, 2), (16, 16, 4, 2)],
 }
 _DQ_FP32 = {
-    64: [(32, 16, 4, 2), (32, 32, 4, 2)],
+    64: [(32, 32, 4, 2), (32, 16, 8, 2)],
     128: [(32, 16, 8, 2), (16, 16, 4, 2)],
     256: [(32, 16, 8, 2), (16, 16, 4, 2)],  # 32 x 16 needs 102,400 B at D = 256: not on an RTX 4090
 }
+# fp32 dK/dV is where ptxas differs most between archs (D = 128 without dropout: 16 x 32 x 8 warps clean on
+# sm_90, 16 B on sm_80; 16 x 16 x 4 warps clean on sm_80, 36 B on sm_90): entries keyed by arch where they do
 _DKDV_FP32 = {
-    64: [(16, 32, 8, 1), (32, 16, 8, 2)],
-    128: [(16, 32, 8, 1)],
-    256: [(16, 32, 8, 1), (16, 16, 8, 1)],  # 16 x 32 needs 100,352 B at D = 256: the RTX 4090 takes 16 x 16
+    64: [(16, 32, 4, 1), (16, 16, 4, 1)],
+    128: {90: [(16, 32, 8, 1)], 0: [(16, 16, 4, 1), (16, 32, 8, 1)]},
+    256: {90: [(16, 16, 8, 1), (16, 32, 8, 1)], 0: [(16, 16, 4, 1), (16, 16, 8, 1)]},
 }
+_DKDV_FP32_HEAVY = {64: [(16, 32, 8, 1)], 128: [(16, 32, 8, 1)], 256: [(16, 32, 8, 1), (16, 16, 8, 1)]}
 
 
-def _for_head_dim(table, named):
-    return table[min(t for t in table if t >= named["BLOCK_D"])]
+def _for_head_dim(table, named, arch):
+    tiles = table[min(t for t in table if t >= named["BLOCK_D"])]
+    if isinstance(tiles, dict):  # per arch: its capability's entry, else the default (0)
+        tiles = tiles.get(arch.capability, tiles[0])
+    return tiles
 
 
-def _tiles(tables, named):
+def _tiles(tables, named, arch):
     """(BLOCK_M, BLOCK_N, warps, stages) candidates of one launch, the intended fixed tile first."""
-    plain, heavy, fp32 = tables
+    plain, heavy, fp32, fp32_heavy = tables
     if _elem(named) == 4:
-        return _for_head_dim(fp32, named)
-    tiles = _for_head_dim(plain, named)
+        plain, heavy = fp32, fp32_heavy or fp32
+    tiles = _for_head_dim(plain, named, arch)
     if named["DROPOUT"] or named["HAS_BIAS"]:
-        first = _for_head_dim(heavy, named)
+        first = _for_head_dim(heavy, named, arch)
         tiles = first + [t for t in tiles if t not in first]
     return tiles
 
@@ -509,7 +517,7 @@ def _tiles(tables, named):
 def _configs(*tables):
     def configs(arch, named):
         return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
-                for m, n, w, st in _tiles(tables, named)]
+                for m, n, w, st in _tiles(tables, named, arch)]
     return configs
 
 
@@ -527,11 +535,12 @@ def _bwd_smem(c, named):
 
 # One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
 _INTERPRET = dict(BLOCK_M=32, BLOCK_N=32)
-_FWD = launch.Kernel(_fwd_kernel, configs=_configs(_FWD_TILES, _FWD_HEAVY, _FWD_FP32), smem=_fwd_smem,
+_FWD = launch.Kernel(_fwd_kernel, configs=_configs(_FWD_TILES, _FWD_HEAVY, _FWD_FP32, None), smem=_fwd_smem,
                      interpret=_INTERPRET)
-_DQ = launch.Kernel(_dq_kernel, configs=_configs(_BWD_TILES, _DQ_HEAVY, _DQ_FP32), smem=_bwd_smem,
+_DQ = launch.Kernel(_dq_kernel, configs=_configs(_BWD_TILES, _DQ_HEAVY, _DQ_FP32, None), smem=_bwd_smem,
                     interpret=_INTERPRET)
-_DKDV = launch.Kernel(_dkdv_kernel, configs=_configs(_DKDV_TILES, _DKDV_HEAVY, _DKDV_FP32), smem=_bwd_smem,
+_DKDV = launch.Kernel(_dkdv_kernel, configs=_configs(_DKDV_TILES, _DKDV_HEAVY, _DKDV_FP32, _DKDV_FP32_HEAVY),
+                      smem=_bwd_smem,
                       interpret=_INTERPRET)
 _DELTA = launch.Kernel(
     _delta_kernel, configs=lambda arch, named: [triton.Config(dict(BLOCK_M=64), num_warps=4, num_stages=1)],

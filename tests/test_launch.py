@@ -129,3 +129,32 @@ def test_size_key_buckets():
 def test_named_arguments_are_checked():
     with pytest.raises(TypeError, match="_scale_kernel"):
         _TOY.named(tuple(range(6)), {"BLOCK": 1, "EXTRA": 2})
+
+
+def test_prefix_attention_fixed_tiles_by_dtype_extras_and_arch():
+    """fp32 attention dots run on FMA units (ieee): the fixed tiles are 16/32 wide; dropout or a bias picks
+    the smaller first tiles; fp32 dK/dV at D = 128 differs between sm_80 and sm_90 (what ptxas kept clean)."""
+    from tunefast.kernels import prefix_attention as kpa
+
+    def fixed(dtype, d, cap, **extra):
+        q = torch.empty(1, 2, 40, d, dtype=dtype)
+        k, pk = torch.empty(1, 2, 40, d, dtype=dtype), torch.empty(2, 4, d, dtype=dtype)
+        out, lse = torch.empty_like(q), torch.empty(1, 2, 40)
+        with launch.capture(launch.ARCHES[cap]) as launches:
+            kpa.attention_forward(q, k, k, pk, pk, None, True, 0.1, out, lse, **extra)
+            kpa.attention_backward(q, q, k, k, pk, pk, out, lse, None, True, 0.1, out, k, k, **extra)
+        for c in launches:
+            assert c.kernel.smem(c.fixed, c.kernel.named(c.args, c.meta)) <= launch.ARCHES[cap].smem
+        return {c.kernel.name + ("/prefix" if c.meta.get("PREFIX") else ""): (c.fixed.kwargs.get("BLOCK_M"),
+                c.fixed.kwargs.get("BLOCK_N"), c.fixed.num_warps) for c in launches}
+
+    for cap in (80, 89, 90):
+        for d in (64, 128, 256):
+            tiles = fixed(torch.float32, d, cap)
+            limit = 1024 if d <= 64 else 512  # fp32, D = 128: 64 x 32 x 4 warps spilled 9.6 KB/thread
+            assert all(m * n <= limit for name, (m, n, w) in tiles.items() if name != "_delta_kernel")
+    assert fixed(torch.float32, 128, 90)["_dkdv_kernel"] == (16, 32, 8)
+    assert fixed(torch.float32, 128, 80)["_dkdv_kernel"] == (16, 16, 4)
+    plain = fixed(torch.float16, 64, 90)["_fwd_kernel"]
+    heavy = fixed(torch.float16, 64, 90, dropout=(1, 1 << 30, 1.5))["_fwd_kernel"]
+    assert heavy[0] * heavy[1] < plain[0] * plain[1]
