@@ -208,7 +208,9 @@ def _fixed(arch, named, fits):
         return triton.Config(dict(BLOCK_M=m, BLOCK_N=64, BLOCK_K=k, GROUP_M=8), num_warps=4, num_stages=3)
     if "DROP_A" in named:  # the dropout matmul without a mask (dB, dxa): 64 x 64 on 8 warps was clean
         return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=8, num_stages=3)
-    if not named["HAS_MAIN"]:  # the epilogue-only launch: 32 x 64 spilled 8 B on sm_90 (rank <= 16), 64 x 32 not
+    if not named["HAS_MAIN"] and named["BLOCK_R"] <= 16:
+        # the epilogue-only launch at rank <= 16: 32 x 64 spilled 8 B on sm_90, 64 x 32 did not (and 64 x 32
+        # spilled 16 B at rank tiles of 32, where 32 x 64 did not)
         return triton.Config(dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
     return triton.Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
 
@@ -372,4 +374,5 @@ def _examples():
             lora_linear(torch.empty(m, k, dtype=act), None, None, None, h, a, 2.0, seed, 1 << 30, has_main=False)
         # routed batches' base-only segment: the main product with an empty low-rank term (R = 0)
         empty = torch.empty(m, 0, dtype=act)
-        lora_linear(torch.empty(m, n, dtype=act), x, w.t(), torch.empty(n, dtype=act), empty, empty.new_empty(0, n), 0.0)
+        lora_linear(torch.empty(m, n, dtype=act), x, w.t(), torch.empty(n, dtype=act), empty, empty.new_empty(0, n),
+                    0.0)

@@ -480,6 +480,11 @@ _FWD_FP32 = {
     128: [(32, 16, 8, 2), (16, 16, 4, 2)],
     256: [(32, 16, 8, 2), (16, 16, 4, 2)],
 }
+_FWD_FP32_HEAVY = {  # sm_80, D = 64 with dropout: 16 x 32 x 8 warps spilled 16 B, 32 x 16 x 4 warps none
+    64: [(32, 16, 4, 2), (16, 32, 8, 1)],
+    128: [(32, 16, 8, 2), (16, 16, 4, 2)],
+    256: [(32, 16, 8, 2), (16, 16, 4, 2)],
+}
 _DQ_FP32 = {
     64: [(32, 32, 4, 2), (32, 16, 8, 2)],
     128: [(32, 16, 8, 2), (16, 16, 4, 2)],
@@ -535,13 +540,12 @@ def _bwd_smem(c, named):
 
 # One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
 _INTERPRET = dict(BLOCK_M=32, BLOCK_N=32)
-_FWD = launch.Kernel(_fwd_kernel, configs=_configs(_FWD_TILES, _FWD_HEAVY, _FWD_FP32, None), smem=_fwd_smem,
-                     interpret=_INTERPRET)
+_FWD = launch.Kernel(_fwd_kernel, configs=_configs(_FWD_TILES, _FWD_HEAVY, _FWD_FP32, _FWD_FP32_HEAVY),
+                     smem=_fwd_smem, interpret=_INTERPRET)
 _DQ = launch.Kernel(_dq_kernel, configs=_configs(_BWD_TILES, _DQ_HEAVY, _DQ_FP32, None), smem=_bwd_smem,
                     interpret=_INTERPRET)
 _DKDV = launch.Kernel(_dkdv_kernel, configs=_configs(_DKDV_TILES, _DKDV_HEAVY, _DKDV_FP32, _DKDV_FP32_HEAVY),
-                      smem=_bwd_smem,
-                      interpret=_INTERPRET)
+                      smem=_bwd_smem, interpret=_INTERPRET)
 _DELTA = launch.Kernel(
     _delta_kernel, configs=lambda arch, named: [triton.Config(dict(BLOCK_M=64), num_warps=4, num_stages=1)],
     smem=lambda c, named: 0, interpret=dict(BLOCK_M=64), key=(),
