@@ -102,4 +102,8 @@ def logits_loss_grads(model, inputs):
     out = model(**inputs)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.logits.detach(), out.loss.detach(), grads
+    logits = out.logits
+    if logits is None:  # the fused LM-head loss keeps no logits in training with labels: ask without labels
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    return logits.detach(), out.loss.detach(), grads

@@ -134,8 +134,8 @@ def test_input_level_methods_keep_peft_path_with_a_reason(family, kind):
     model = PM.prompt_model(family, kind)
     patched = copy.deepcopy(model)
     impl = patched.base_model.config._attn_implementation
-    report = tunefast.patch(patched)
-    head = ["base_model.lm_head"] if family == "llama" else []  # the fused LM head of the causal LM
+    report = tunefast.patch(patched, lm_head=False)  # bitwise: PEFT's head
+    head = []
     assert [e.name for e in report.patched] == head and len(report.skipped) == 1
     assert report.skipped[0].name == "prompt_encoder.default"
     assert "PEFT's path is kept" in report.skipped[0].reason
@@ -164,7 +164,7 @@ def test_unpatch_restores_everything_and_patch_twice_is_a_noop():
 def test_disabled_adapter_runs_the_base_model():
     model = PM.prefix_model("llama")
     patched = copy.deepcopy(model)
-    tunefast.patch(patched, backend="triton")
+    tunefast.patch(patched, backend="triton", lm_head=False)  # compares training logits
     inputs = M.batch("llama")  # right padding: every query sees a key
     with model.disable_adapter(), patched.disable_adapter():
         torch.testing.assert_close(patched(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
@@ -224,7 +224,7 @@ def test_attention_dropout_runs_in_the_kernel_and_checkpointing_regenerates_it()
 def test_autocast_matches_peft_under_autocast():
     model = PM.prefix_model("llama", projection=True)
     patched = copy.deepcopy(model)
-    tunefast.patch(patched, backend="reference")
+    tunefast.patch(patched, backend="reference", lm_head=False)  # compares training logits
     inputs = M.batch("llama")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, got = model(**inputs), patched(**inputs)

@@ -9,15 +9,14 @@ outputs, loss and the gradient of every trainable parameter: fp32 and fp64 withi
 FP32_RTOL of the largest reference value, bf16 / fp16 against an fp64 copy of PEFT by the
 low-precision rule of the same file. A failure message lists the operations that led to it.
 
-Known divergences (what tunefast still does differently from PEFT) are the KNOWN table at the end:
-each one is its own strict xfail test, so fixing it turns the test red and the entry is then removed.
+The one intended difference, the fused LM-head loss's logits=None in training with labels, has its own
+test (test_training_forward_with_labels_has_no_logits); the walks compare loss and gradients there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import os
 import random
 import threading
@@ -31,17 +30,11 @@ import tunefast
 from tests import models as M
 from tests.tolerances import FP32_RTOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, max_err
 
-# tunefast/patching/lm_head.py (the fused LM-head loss): the two KNOWN entries about it need it
-# It is opt-in (TUNEFAST_FUSED_LM_HEAD=1) until those divergences are fixed: without the opt-in, patch() leaves
-# heads alone and the entries about it do not apply.
-_HAS_FUSED_LM_HEAD = (importlib.util.find_spec("tunefast.patching.lm_head") is not None
-                      and os.environ.get("TUNEFAST_FUSED_LM_HEAD", "0") == "1")
 ADAPTER_POOL = ("second", "third")  # names add_adapter may create
-# Known divergence lm_head_logits_none (see KNOWN): while it stands, the walks compare loss and
-# gradients of training forwards whose patched logits are None; set False when it is resolved.
-FUSED_LOSS_DROPS_LOGITS = True
-# Known divergence fp64_fused_loss (see KNOWN): while it stands, op_dtype does not move models to float64.
-FP64_FUSED_LOSS_RAISES = _HAS_FUSED_LM_HEAD
+# The fused LM-head loss (tunefast/patching/lm_head.py, on unless TUNEFAST_FUSED_LM_HEAD=0): a training
+# forward with labels returns logits=None (as Liger does; test_training_forward_with_labels_has_no_logits),
+# so the walks compare loss and gradients there, and the logits of every other forward.
+FUSED_LOSS_DROPS_LOGITS = os.environ.get("TUNEFAST_FUSED_LM_HEAD", "1") != "0"
 LOW_GRAD_TENSOR_FACTOR = 4.0  # bf16 / fp16, per gradient tensor: see _assert_same
 
 
@@ -336,7 +329,7 @@ def op_dtype(t, rng):
     """model.to(dtype) on both: float32, bfloat16, float16 (PEFT runs all three on CPU), float64."""
     if t.sparse:  # the sparse op takes float32, float16 and bfloat16 only: no fp64 oracle
         return False
-    dtypes = (torch.float32, torch.bfloat16, torch.float16) + (() if FP64_FUSED_LOSS_RAISES else (torch.float64,))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     dtype = rng.choice([d for d in dtypes if d != t.dtype])
     t.both(lambda m: m.to(dtype))
     return True
@@ -627,7 +620,6 @@ def op_merge_and_unload(t, rng):
         for model in (t.ref, t.fast):
             try:
                 plain = getattr(copy.deepcopy(model), unload)()
-                plain.eval()  # training mode: KNOWN merge_and_unload_keeps_fused_loss
                 with torch.no_grad():
                     outs.append((type(plain).__name__, plain(**t.inputs).logits))
             except Exception as e:  # noqa: BLE001 - PEFT refusing too is equivalent
@@ -777,8 +769,8 @@ def test_compile_after_lifecycle_matches_peft():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _fp64_training_loss():
-    """PEFT runs a float64 model; the patched one must too (its LoRA layers fall back for fp64)."""
+def test_float64_model_after_patch_trains_like_peft():
+    """A model moved to float64 after patch: the LoRA layers and the head run PEFT's code for that dtype."""
     ref = M.peft_model("llama", ["q_proj", "v_proj"])
     fast = copy.deepcopy(ref)
     tunefast.patch(fast, backend="reference")
@@ -788,26 +780,35 @@ def _fp64_training_loss():
     _close(fast(**inputs).loss, ref(**inputs).loss, "fp64 loss", "patch -> to(float64) -> train forward")
 
 
-def _training_logits():
-    """PEFT returns the logits of a training forward with labels (accuracy metrics, distillation)."""
+def test_training_forward_with_labels_has_no_logits():
+    """The fused head's one intended difference (Liger's too): training + labels gives PEFT's loss and
+    logits=None; lm_head=False keeps PEFT's logits; eval gives the logits."""
+    ref = M.peft_model("llama", ["q_proj", "v_proj"])
+    fast, kept = copy.deepcopy(ref), copy.deepcopy(ref)
+    tunefast.patch(fast, backend="reference")
+    tunefast.patch(kept, backend="reference", lm_head=False)
+    inputs = M.batch("llama")
+    want = ref(**inputs)
+    got = fast(**inputs)
+    assert got.logits is None
+    _close(got.loss.detach(), want.loss.detach(), "training loss", "patch -> train forward")
+    _close(kept(**inputs).logits.detach(), want.logits.detach(), "training logits", "patch(lm_head=False)")
+    for m in (ref, fast):
+        m.eval()
+    with torch.no_grad():
+        _close(fast(**inputs).logits, ref(**inputs).logits, "eval logits", "patch -> eval forward")
+
+
+def test_merge_and_unload_of_a_patched_model_is_peft_s_plain_model():
     ref = M.peft_model("llama", ["q_proj", "v_proj"])
     fast = copy.deepcopy(ref)
     tunefast.patch(fast, backend="reference")
     inputs = M.batch("llama")
-    want, got = ref(**inputs).logits, fast(**inputs).logits
-    assert got is not None, "patched training forward with labels returned logits=None"
-    _close(got.detach(), want.detach(), "training logits", "patch -> train forward")
-
-
-def _unloaded_training_logits():
-    """merge_and_unload() of a patched model gives PEFT's plain model: its training forward has logits."""
-    ref = M.peft_model("llama", ["q_proj", "v_proj"])
-    fast = copy.deepcopy(ref)
-    tunefast.patch(fast, backend="reference")
-    inputs = M.batch("llama")
-    want, got = ref.merge_and_unload()(**inputs).logits, fast.merge_and_unload()(**inputs).logits
-    assert got is not None, "the model merge_and_unload() returned still fuses the LM-head loss (logits=None)"
-    _close(got.detach(), want.detach(), "unloaded training logits", "patch -> merge_and_unload -> train forward")
+    want, got = ref.merge_and_unload(), fast.merge_and_unload()
+    assert type(got) is type(want)
+    out_want, out_got = want(**inputs), got(**inputs)
+    assert out_got.logits is not None
+    _close(out_got.logits.detach(), out_want.logits.detach(), "unloaded training logits", "patch -> merge_and_unload")
 
 
 def test_generate_after_walk_matches_peft():
@@ -819,34 +820,6 @@ def test_generate_after_walk_matches_peft():
 
     walk(make_twin("gpt2_two_adapters"), zlib.crc32(b"gpt2two") + 40, 16)
 
-
-KNOWN = {
-    "fp64_fused_loss": (
-        _fp64_training_loss,
-        "fused LM-head loss (tunefast/patching/lm_head.py) raises TypeError 'hidden has dtype torch.float64' "
-        "on a model moved to float64 after patch; PEFT runs (keep PEFT's loss for dtypes the op lacks)"),
-    "lm_head_logits_none": (
-        _training_logits,
-        "training forward with labels returns logits=None on a patched causal LM (fused LM-head loss, as "
-        "Liger); PEFT returns the logits"),
-    "merge_and_unload_keeps_fused_loss": (
-        _unloaded_training_logits,
-        "merge_and_unload()/unload() of a patched model returns a model whose causal LM class is still "
-        "tunefast's (lm_head.py swap): training forwards return logits=None, and tunefast.unpatch of the "
-        "PeftModel no longer reaches it"),
-}
-
-
-_NEEDS_LM_HEAD = {"fp64_fused_loss", "lm_head_logits_none", "merge_and_unload_keeps_fused_loss"}
-_NO_LM_HEAD = pytest.mark.skipif(not _HAS_FUSED_LM_HEAD, reason="the fused LM-head loss is opt-in "
-                                 "(TUNEFAST_FUSED_LM_HEAD=1) and off in this run")
-
-
-@pytest.mark.parametrize("name", [pytest.param(k, marks=[pytest.mark.xfail(strict=True, reason=why)]
-                                               + ([_NO_LM_HEAD] if k in _NEEDS_LM_HEAD else []))
-                                  for k, (_, why) in KNOWN.items()])
-def test_known_divergence(name):
-    KNOWN[name][0]()
 
 
 def test_low_precision_check_still_fails_beyond_peft_spread():
