@@ -1,7 +1,8 @@
 """Counter-based dropout keep decisions inside Triton kernels.
 
 The definition lives in ``tunefast/reference/dropout.py``; the C++ and CUDA copies in ``csrc/`` and this
-one must agree bit for bit (tests/test_dropout_rng.py checks all of them against the reference).
+one must agree bit for bit (tests/test_native.py checks the C++/CUDA copies, tests/test_lora_op.py and
+tests/test_prefix_attention_op.py the Triton kernels, against the reference).
 
 Written out here rather than calling ``tl.randint`` so that the mask cannot change with the Triton
 version: the GPU machine runs Triton 3.6, CI runs 3.8, and a mask that differs between forward and a
