@@ -86,12 +86,19 @@ def plan(module, backend: str, x=None):
     weight needing a gradient); a Patch then carries the op's arguments in ``args``, and a Skip's reason
     is why this call runs PEFT's forward. The forward derives every fallback from here.
     """
+    return plan_in_two_stages(module, backend, x, _plan_static, _plan_call)
+
+
+def plan_in_two_stages(module, backend: str, x, static_plan, call_plan):
+    """The shape of every PEFT-layer handler's ``plan``: call-time reasons PEFT's forward must run
+    (hooks, meta tensors), then ``static_plan(module, backend, with_detail)`` (the report's decision),
+    then, for a call, ``call_plan(module, x, kernel)``."""
     if x is not None and (not isinstance(x, torch.Tensor) or peft_forward_needed(module, x)):
         return Skip("hooks on its adapter modules (or global module hooks), meta tensors, or a non-tensor input")
-    static = _plan_static(module, backend, with_detail=x is None)
+    static = static_plan(module, backend, with_detail=x is None)
     if x is None or isinstance(static, Skip):
         return static
-    return _plan_call(module, x, static.kernel)
+    return call_plan(module, x, static.kernel)
 
 
 def _plan_static(module, backend: str, with_detail: bool = True):

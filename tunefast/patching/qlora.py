@@ -30,7 +30,7 @@ from torch import nn
 from .. import backend as _backend
 from ..ops._checks import SUPPORTED_DTYPES
 from ..ops.qlora import QuantWeight, qlora_linear
-from .lora import _dropout_p, peft_forward_needed
+from .lora import _dropout_p, plan_in_two_stages
 from .registry import Patch, Skip, register
 
 
@@ -107,12 +107,7 @@ def plan(module, backend: str, x=None):
     forward): the same checks, then the call-time ones; a Patch then carries the op's arguments in
     ``args`` and a Skip says why this call runs PEFT's forward.
     """
-    if x is not None and (not isinstance(x, torch.Tensor) or peft_forward_needed(module, x)):
-        return Skip("hooks on its adapter modules (or global module hooks), meta tensors, or a non-tensor input")
-    static = _plan_static(module, backend, with_detail=x is None)
-    if x is None or isinstance(static, Skip):
-        return static
-    return _plan_call(module, x, static.kernel)
+    return plan_in_two_stages(module, backend, x, _plan_static, _plan_call)
 
 
 def _plan_static(module, backend: str, with_detail: bool = True):
