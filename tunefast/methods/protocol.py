@@ -94,3 +94,32 @@ def resolve_backend(config_backend: str, backend: str | None, *, what: str = "co
         raise ValueError(f"backend={backend!r} contradicts {what}.backend={config_backend!r}: set the backend in one "
                          f"place (the config, or apply's backend= with the config's backend left 'auto')")
     return backend
+
+
+class ConfigMixin:
+    """``to_dict`` / ``from_dict`` / ``help`` for a method's Config dataclass (what save / load write and
+    read). A field holding something JSON cannot (a tuple, a dtype) is converted by the subclass's own
+    ``to_dict``."""
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown} (written by a newer tunefast?); fields are "
+                             f"{sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def help(cls) -> str:
+        """One line per field: name, default, help text."""
+        import dataclasses
+
+        return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(cls))

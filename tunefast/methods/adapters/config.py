@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...backend import BACKENDS
+from ..protocol import ConfigMixin
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 PLACEMENTS = ("sequential", "parallel")
@@ -15,7 +16,7 @@ SUBLAYERS = ("attention", "ffn")
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(ConfigMixin):
     bottleneck: int = field(default=16, metadata={
         "help": "Bottleneck size r: the down-projection maps the hidden size to r, the up-projection back."})
     activation: str = field(default="relu", metadata={
@@ -80,16 +81,3 @@ class AdapterConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["sublayers"] = list(self.sublayers)
         return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig field(s) {unknown}; fields are {sorted(names)}")
-        return cls(**d)
-
-    @classmethod
-    def help(cls) -> str:
-        """One line per field: name, default, help text."""
-        return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(cls))

@@ -3,17 +3,16 @@ construction; what needs the model (its layer family, patch size) is checked in 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 from ...backend import BACKENDS
+from ..protocol import ConfigMixin
 
 INITS = ("uniform", "normal")
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(ConfigMixin):
     num_tokens: int = field(default=10, metadata={
         "help": "Prompt tokens per layer (deep) or in total (shallow); VPT uses 1 to 200, 10 and 50 most often."})
     deep: bool = field(default=True, metadata={
@@ -57,19 +56,3 @@ class PromptConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.init_std >= 0.0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PromptConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown PromptConfig field(s) {unknown}; fields are {sorted(names)}")
-        return cls(**d)
-
-    @classmethod
-    def help(cls) -> str:
-        """One line per field: name, default, help text."""
-        return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(cls))

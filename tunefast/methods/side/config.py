@@ -3,11 +3,11 @@ that need the model (reduction factor vs hidden size, layer indices vs depth) ru
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from ...backend import BACKENDS
+from ..protocol import ConfigMixin
 
 MERGES = ("ladder", "unipt")
 NORMS = ("rmsnorm", "layernorm")
@@ -17,7 +17,7 @@ SIDE_DTYPES = ("float32", "bfloat16", "float16", "backbone")
 
 
 @dataclass
-class SideConfig:
+class SideConfig(ConfigMixin):
     reduction_factor: int = field(default=8, metadata={
         "help": "Side width N = hidden_size // reduction_factor (LST uses 8). Must be 1..hidden_size."})
     layers: Optional[list[int]] = field(default=None, metadata={
@@ -87,21 +87,7 @@ class SideConfig:
         if not isinstance(self.fused, bool):
             raise TypeError(f"fused must be a bool, got {type(self.fused).__name__}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SideConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SideConfig field(s) {unknown}: written by a newer tunefast?")
-        return cls(**data)
-
-    @classmethod
-    def help(cls) -> str:
-        """One line per field: name, default, help text."""
-        return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(cls))
 
 
 def _check_int(name, value, minimum=None):

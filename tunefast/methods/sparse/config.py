@@ -12,13 +12,14 @@ from typing import Any, Optional, Union
 import torch
 
 from ...backend import BACKENDS
+from ..protocol import ConfigMixin
 
 SELECTIONS = ("random", "magnitude", "gradient")
 VALUE_DTYPES = ("float32", "bfloat16", "float16", "weight")
 
 
 @dataclass
-class SparseConfig:
+class SparseConfig(ConfigMixin):
     density: Optional[float] = field(default=0.01, metadata={
         "help": "Fraction of each targeted weight's entries to train, in (0, 1]: round(density * out * in) "
                 "entries per layer, at least 1. Unused (may be None) with explicit indices."})
@@ -102,11 +103,6 @@ class SparseConfig:
         if self.explicit:
             out["selection"] = "explicit"
         return out
-
-    @classmethod
-    def help(cls) -> str:
-        """One line per field: name, default, help text."""
-        return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(cls))
 
 
 def _explicit_indices(name, value) -> torch.Tensor:
