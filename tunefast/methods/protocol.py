@@ -123,3 +123,22 @@ class ConfigMixin:
         import dataclasses
 
         return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(cls))
+
+
+def read_checkpoint(path, config_name: str, weights_name: str, fmt: str, version: int, saver: str):
+    """(metadata dict, weights file Path) of a folder a method's ``save`` wrote; FileNotFoundError naming
+    the missing file and ``saver`` (e.g. "tunefast.prompt.save"), ValueError for another format or a newer
+    version. Nothing is loaded into a model here."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    config_file, weights_file = folder / config_name, folder / weights_name
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: is {folder} a folder written by {saver}()?")
+    meta = json.loads(config_file.read_text())
+    if meta.get("format") != fmt or meta.get("version", 0) > version:
+        raise ValueError(f"{config_file} is not a {fmt} checkpoint this version can read "
+                         f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+    return meta, weights_file

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..protocol import read_checkpoint
+
 from .config import AdapterConfig
 from .model import adapter_layers, apply, config_of
 
@@ -47,15 +49,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, backend: str | None = Non
     in the file; otherwise nothing is changed and a ValueError says which. Returns ``model``."""
     from safetensors.torch import load_file
 
-    folder = Path(path)
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: is {folder} a folder written by tunefast adapters.save()?")
-    meta = json.loads(config_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_file} is not an adapters file this version can read "
-                         f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+    meta, weights_file = read_checkpoint(path, CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION,
+                                         "tunefast.adapters.save")
     tensors = load_file(str(weights_file))
     config = AdapterConfig.from_dict(meta["config"])
     if backend is not None:

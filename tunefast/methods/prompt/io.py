@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..protocol import read_checkpoint
+
 from .config import PromptConfig
 from .model import apply, config_of, head_parameters, plan, prompt_parameters
 
@@ -49,15 +51,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, backend: str | None = Non
     a ValueError says which and ``model`` is left unchanged. Returns ``model``."""
     from safetensors.torch import load_file
 
-    folder = Path(path)
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: is {folder} a folder written by tunefast prompt.save()?")
-    meta = json.loads(config_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_file} is not a prompt file this version can read "
-                         f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+    meta, weights_file = read_checkpoint(path, CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION,
+                                         "tunefast.prompt.save")
     config = PromptConfig.from_dict(meta["config"])
     if backend is not None:
         config = dataclasses.replace(config, backend=backend)
@@ -74,7 +69,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, backend: str | None = Non
                              f"shape (saved, here) {shapes}")
     keys = set(meta["prompts"]) | {_HEAD + n for n in meta["head"]}
     if set(tensors) != keys:
-        raise ValueError(f"{weights_file} holds {sorted(set(tensors) ^ keys)} differently from {config_file}")
+        raise ValueError(f"{weights_file} holds {sorted(set(tensors) ^ keys)} differently from {Path(path) / CONFIG_NAME}")
     apply(model, config)
     with torch.no_grad():
         for n, p in prompt_parameters(model).items():

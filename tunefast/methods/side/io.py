@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..protocol import read_checkpoint
 from .config import SideConfig
 from .model import SideModel, apply, remove
 
@@ -62,15 +63,8 @@ def load(model, path: str | os.PathLike, *, backend: str | None = None, **overri
     ``loss_chunk_tokens``). A checkpoint that does not fit ``model`` is refused with ``model`` left as it
     was (flags and train / eval mode)."""
 
-    folder = Path(path)
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: is {folder} a folder written by tunefast.methods.side.save?")
-    meta = json.loads(config_file.read_text())
-    if meta.get("format") != "tunefast-side" or meta.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_file} is not a tunefast side config this version can read ({meta.get('format')!r}, "
-                         f"version {meta.get('version')!r})")
+    meta, weights_file = read_checkpoint(path, CONFIG_NAME, WEIGHTS_NAME, "tunefast-side", FORMAT_VERSION,
+                                         "tunefast.side.save")
     allowed = {"fused", "loss_chunk_tokens"}
     if set(overrides) - allowed:
         raise ValueError(f"only {sorted(allowed)} can be overridden on load, got {sorted(set(overrides) - allowed)}")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..protocol import read_checkpoint
+
 from ... import backend as _backend
 
 from .layer import SparseLinear, weight_nk
@@ -64,15 +66,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
     """
     from safetensors.torch import load_file
 
-    folder = Path(path)
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: is {folder} a folder written by tunefast sparse save()?")
-    meta = json.loads(config_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_file} is not a sparse delta this version can read "
-                         f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+    meta, weights_file = read_checkpoint(path, CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION,
+                                         "tunefast.sparse.save")
     name = name or meta["name"]
     if backend is None:
         backend = (meta.get("config") or {}).get("backend", "auto")
