@@ -144,3 +144,13 @@ def t5_prefix_model(*, projection: bool = False, n_virtual: int = N_VIRTUAL):
                                    prefix_projection=projection, encoder_hidden_size=32)
     torch.manual_seed(200)
     return peft.get_peft_model(base, pcfg)
+
+
+def assert_same_greedy(model, patched, inputs, max_new_tokens=4):
+    """Greedy generate() of both: the same tokens, and every step's scores within 1e-5."""
+    kw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens,
+              do_sample=False, num_beams=1, output_scores=True, return_dict_in_generate=True)
+    want, got = model.generate(**kw), patched.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -56,7 +56,7 @@ class SideConfig(ConfigMixin):
                 "the LM-head loss chunked with its gradients formed in the forward (no logits kept). "
                 "False: the same math and parameters as plain PyTorch modules (the unfused baseline)."})
     backend: str = field(default="auto", metadata={
-        "help": "Kernel backend of the fused ops: 'auto', 'triton' or 'reference' (see tunefast.backend); "
+        "help": "Kernel backend of the fused ops: 'auto', 'triton', 'native' or 'reference' (see tunefast.backend); "
                 "apply's backend= replaces 'auto' only."})
     loss_chunk_tokens: Optional[int] = field(default=None, metadata={
         "help": "Tokens per chunk of the fused LM-head loss (None: ~16M logits per chunk)."})

@@ -45,7 +45,7 @@ class SparseConfig(ConfigMixin):
                 "the batches. 1 holds one (out, in) fp32 score at a time at the cost of one pass per layer; "
                 "larger values trade memory for fewer passes."})
     backend: str = field(default="auto", metadata={
-        "help": "Kernel backend of the sparse op: 'auto', 'triton' or 'reference' (see tunefast.backend). "
+        "help": "Kernel backend of the sparse op: 'auto', 'triton', 'native' or 'reference' (see tunefast.backend). "
                 "apply's backend= and tunefast.patch(backend=...) replace 'auto' only."})
 
     def __post_init__(self):
