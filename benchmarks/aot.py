@@ -2,7 +2,7 @@
 launcher can choose, and csrc/*.cu with nvcc, for sm_80 (A100), sm_89 (RTX 4090) and sm_90 (H100/H200).
 
     python -m benchmarks.aot                       # the full matrix (`make gpu-aot`)
-    python -m benchmarks.aot --fixed-only --arch 90,80              # CI's subset (`make gpu-aot-ci`)
+    python -m benchmarks.aot --fixed-only --arch 90,80 --ledger L   # CI's subset (`make gpu-aot-ci`)
     python -m benchmarks.aot --device             # on a GPU: launch every fixed config once (gpu_check.sh)
 
 How it finds the work (nothing is listed here): it imports every module of kernels/, runs every
@@ -19,6 +19,14 @@ spills; a compile errors or times out; a ``@triton.jit`` function in kernels/ wa
 called by one that was (a kernel launched without kernels/launch.py, or with no AOT example); a CUDA
 kernel spills. Autotune-only configs that spill are reported, not failed (autotuning times them).
 Writes the table as JSON under benchmarks/results/aot/.
+
+The ledger (CI): compiling CI's subset from a cold cache takes ~20 min on 2 cores, too long beside the
+tests. ``--ledger benchmarks/results/aot/ledger-*.json`` takes the result of every job whose compile
+inputs (triton version, hence its ptxas; the kernel's source and its callees'; specialisation; config;
+options; arch) equal those of a recorded compile from that file, and compiles every other job: a change
+to a kernel, a config table or the triton version is compiled in CI and fails it on a spill. Rows taken
+from the ledger say ``source: ledger``; ``make gpu-aot-ledger`` recompiles the scope and rewrites it
+(``--no-reuse`` ignores it and every cache).
 """
 
 import os
@@ -220,20 +228,63 @@ def _result_path(job, results_dir):
     return Path(results_dir) / (hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
 
 
-def run_jobs(jobs, workers, timeout, cache_dir, results_dir=None, progress=True):
+def ledger_key(job):
+    """The key of a job in a checked-in ledger: the hash of everything the compile depends on, like
+    ``_result_path``, but with the machine-specific part (the venv path of libdevice in ``extern_libs``)
+    reduced to the file name, so that a ledger written here is found by CI's clean checkout elsewhere."""
+    import triton
+
+    items = {k: v for k, v in job.items() if k != "roles"}
+    options = dict(items["options"])
+    options["extern_libs"] = tuple((name, Path(path).name) for name, path in options.get("extern_libs") or ())
+    items["options"] = options
+    text = repr((triton.__version__, sorted((k, repr(v)) for k, v in items.items())))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def load_ledger(path):
+    """{key: result} of a ledger file written by ``--write-ledger`` (empty when the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return {k: v["result"] for k, v in json.loads(path.read_text())["entries"].items()}
+
+
+def write_ledger(path, jobs, results, scope):
+    """Keep this run's compile results (errors and timeouts left out, so they are retried) as the ledger:
+    a later run with the same compile inputs (same triton, kernel source, specialisation, config, arch)
+    takes the result from here instead of compiling again. ptxas is triton's own, so the triton version
+    in the key stands for it."""
+    import triton
+
+    entries = {ledger_key(job): dict(kernel=job["kernel"], arch=job["arch"], config=job["config"], result=res)
+               for job, res in zip(jobs, results) if res and not res.get("error")}
+    Path(path).write_text(json.dumps(dict(triton=triton.__version__, scope=scope, entries=dict(sorted(entries.items()))),
+                                      indent=0) + "\n")
+    return len(entries)
+
+
+def run_jobs(jobs, workers, timeout, cache_dir, results_dir=None, progress=True, ledger=None):
     """Compile every job in ``workers`` processes; a job past ``timeout`` seconds kills its worker.
-    Results already in ``results_dir`` (same compile inputs) are reused; new ones are stored there."""
+    Results in ``ledger`` ({ledger_key: result}, checked in) or already in ``results_dir`` (same compile
+    inputs) are reused; new ones are stored in ``results_dir``."""
     ctx = mp.get_context("spawn")
     results = [None] * len(jobs)
+    from_ledger = 0
+    for j, job in enumerate(jobs):
+        if ledger and ledger_key(job) in ledger:
+            results[j] = dict(ledger[ledger_key(job)], source="ledger")
+            from_ledger += 1
     if results_dir is not None:
         Path(results_dir).mkdir(parents=True, exist_ok=True)
         for j, job in enumerate(jobs):
             path = _result_path(job, results_dir)
-            if path.exists():
+            if results[j] is None and path.exists():
                 results[j] = json.loads(path.read_text())
     pending = [j for j in range(len(jobs)) if results[j] is None][::-1]
     if progress:
-        print(f"  {len(jobs) - len(pending)} results reused, {len(pending)} to compile", file=sys.stderr)
+        print(f"  {from_ledger} results from the ledger, {len(jobs) - len(pending) - from_ledger} from this "
+              f"machine's cache, {len(pending)} to compile", file=sys.stderr)
     if not pending:
         return results
     slots = []  # [process, parent conn, job index, start]
@@ -419,6 +470,9 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per compile before it counts as failed")
     ap.add_argument("--kernel", default="", help="only kernels whose name contains one of these comma-separated strings (skips the coverage check)")
     ap.add_argument("--no-reuse", action="store_true", help="recompile results kept from earlier runs")
+    ap.add_argument("--ledger", default="",
+                    help="a checked-in JSON of earlier results: jobs with the same compile inputs are taken from it")
+    ap.add_argument("--write-ledger", action="store_true", help="write this run's results as the --ledger file")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before, after)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the JSON result")
     ap.add_argument("--device", action="store_true",
@@ -426,6 +480,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.device:
         return device_twin()
+    if args.write_ledger and (not args.ledger or args.kernel):
+        ap.error("--write-ledger needs --ledger PATH and no --kernel filter (a ledger covers a whole scope)")
     arches = [int(a) for a in args.arch.split(",") if a]
 
     import triton
@@ -438,8 +494,12 @@ def main(argv=None):
           f"({len(captured)} kernels captured in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     tmp = Path(os.environ.get("TMPDIR", tempfile.gettempdir()))
     cache = tmp / f"tunefast-aot-triton{triton.__version__}"
+    ledger = load_ledger(args.ledger) if args.ledger and not args.no_reuse and not args.write_ledger else {}
     results = run_jobs(jobs, args.jobs, args.timeout, str(cache / "triton"),
-                       None if args.no_reuse else cache / "results")
+                       None if args.no_reuse else cache / "results", ledger=ledger)
+    if args.write_ledger:
+        n = write_ledger(args.ledger, jobs, results, scope=dict(arches=arches, fixed_only=args.fixed_only))
+        print(f"wrote {n} results to the ledger {args.ledger}", file=sys.stderr)
     rows = []
     for job, res in zip(jobs, results):
         row = {k: job[k] for k in ("kernel", "dtypes", "case", "config", "arch", "arch_smem")}
@@ -449,6 +509,7 @@ def main(argv=None):
     cuda_rows = [] if args.no_csrc else check_csrc(arches)
     print_table(rows, cuda_rows)
     summary = summarize(rows, cuda_rows, uncovered, import_errors)
+    summary.update(from_ledger=sum(1 for r in results if r and r.get("source") == "ledger"))
     summary.update(seconds=round(time.perf_counter() - t0), triton=triton.__version__, arches=arches,
                    fixed_only=args.fixed_only, python=platform.python_version())
     out = Path(args.out)

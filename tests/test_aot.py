@@ -155,3 +155,44 @@ def test_an_unchecked_kernel_fails_the_check_loudly(tmp_path):
     assert "_main_kernel" not in proc.stderr.split("NOT CHECKED")[-1].split("\n")[0]
     (path,) = tmp_path.glob("aot-triton*-fixed.json")
     assert json.loads(path.read_text())["summary"]["unchecked_jit_functions"] == ["_orphan_kernel"]
+
+
+_LEDGER = r"""
+import copy, json, sys
+from pathlib import Path
+import benchmarks.aot as aot
+
+tmp = Path(sys.argv[1])
+aot.discover()
+jobs, _ = aot.build_jobs([90], True, "_sddmm")
+compiled = aot.run_jobs(jobs, 1, 300, str(tmp / "triton"), None, progress=False)
+aot.write_ledger(tmp / "ledger.json", jobs, compiled, scope={})
+ledger = aot.load_ledger(tmp / "ledger.json")
+reused = aot.run_jobs(jobs, 1, 300, str(tmp / "triton"), None, progress=False, ledger=ledger)
+# one job missing from the ledger is compiled again
+partial = dict(ledger)
+del partial[aot.ledger_key(jobs[0])]
+mixed = aot.run_jobs(jobs, 1, 300, str(tmp / "triton"), None, progress=False, ledger=partial)
+moved = copy.deepcopy(jobs[0])  # the same compile from a venv at another path
+moved["options"]["extern_libs"] = tuple((n, "/elsewhere/venv/" + Path(p).name) for n, p in moved["options"]["extern_libs"])
+warps = copy.deepcopy(jobs[0])
+warps["options"]["num_warps"] *= 2
+print(json.dumps(dict(
+    n=len(jobs), compiled=compiled, reused=reused, mixed=mixed,
+    moved_same=aot.ledger_key(moved) == aot.ledger_key(jobs[0]),
+    warps_same=aot.ledger_key(warps) == aot.ledger_key(jobs[0]))))
+"""
+
+
+def test_the_ledger_reuses_only_identical_compiles(tmp_path):
+    """CI's ledger: a recorded result is taken only for the same compile inputs (a config change is compiled
+    again), independent of where the venv lives; a job not in the ledger is compiled."""
+    proc = _run(["-c", _LEDGER, str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n"] == 3 and all(r["error"] is None and r["regs"] > 0 for r in out["compiled"])
+    assert all(r["source"] == "ledger" for r in out["reused"])
+    assert [{k: v for k, v in r.items() if k not in ("source", "seconds")} for r in out["reused"]] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in out["compiled"]]
+    assert "source" not in out["mixed"][0] and all(r["source"] == "ledger" for r in out["mixed"][1:])
+    assert out["moved_same"] and not out["warps_same"]
