@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backend as _backend
 from ..reference import dropout as rd
+from ..reference import lora as ref
 from . import lora_path
+from ._common import rows_to_shape
 
 SEED_HIGH = 2**62  # seeds are non-negative int64 (see reference/dropout.py)
 
@@ -22,6 +25,27 @@ SEED_HIGH = 2**62  # seeds are non-negative int64 (see reference/dropout.py)
 def flat_rows(x: Tensor) -> Tensor:
     """(*, K) -> (M, K) (a view when x's layout allows)."""
     return x.reshape(-1, x.shape[-1])
+
+
+def run_forward(impl, x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale=None):
+    """(y (*, N), [xa_i (M, r_i)]) for x (*, K) on ``impl``, a resolved backend ("triton", "native" or
+    "reference"): the body of the LoRA and QLoRA forward ops (QLoRA's weight freshly dequantised)."""
+    args = (flat_rows(x), weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale)
+    if impl == "triton":
+        y2d, xas = triton_forward(*args)
+    else:
+        with _backend.native_kernels(impl == "native"):
+            y2d, xas = ref.forward(*args)
+    return rows_to_shape(y2d, x.shape[:-1]), xas
+
+
+def adapter_grads(das, dbs, lora_a, lora_b, need_da, need_db):
+    """Autograd's gradients of the list inputs lora_a / lora_b: lists of their length, None for an
+    adapter whose tensor does not require grad (or for all when that gradient was not formed)."""
+    n = len(lora_a)
+    das = [g if a.requires_grad else None for g, a in zip(das, lora_a)] if need_da else [None] * n
+    dbs = [g if b.requires_grad else None for g, b in zip(dbs, lora_b)] if need_db else [None] * n
+    return das, dbs
 
 
 def _seed_slot(seeds, i):

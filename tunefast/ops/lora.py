@@ -31,26 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend as _backend
-from ..reference import dropout as rd
 from ..reference import lora as ref
 from ._checks import check_dora_args, check_lora_args
-from ._common import rows_to_shape, save_named, saved_named
+from ._common import save_named, saved_named
 from ._lowrank import SEED_HIGH as _SEED_HIGH
-from ._lowrank import triton_forward as _triton_forward
+from ._lowrank import adapter_grads, run_forward
 from ._lowrank import triton_backward as _triton_backward
 from ._lowrank import flat_rows as _x2d
 
 
 def _fwd_impl(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale, backend):
-    x2d = _x2d(x)
-    args = (x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale)
     impl = _backend.resolve(backend, x.device)
-    if impl == "triton":
-        y2d, xas = _triton_forward(*args)
-    else:
-        with _backend.native_kernels(impl == "native"):
-            y2d, xas = ref.forward(*args)
-    return rows_to_shape(y2d, x.shape[:-1]), xas
+    return run_forward(impl, x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, col_scale)
 
 
 @torch.library.custom_op("tunefast::lora_linear_fwd", mutates_args=())
@@ -147,7 +139,6 @@ def _setup_context(ctx, inputs, output):
         xas=list(xas) if ctx.keep_xas else [], seeds=seeds, col_scale=col_scale, y=y if need_dg else None,
         bias=bias if need_dg else None, zero_cols=zero_cols if isinstance(zero_cols, Tensor) else None,
     )
-    ctx.n = len(lora_a)
     ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad, need_dg)
     ctx.recompute_all = isinstance(zero_cols, str)
     ctx.static = (list(scalings), list(dropout_p), backend)
@@ -180,7 +171,6 @@ def _col_scale_grad(grad_y, x, weight, y, bias, col_scale, lora_b, xas, scalings
 
 def _backward(ctx, grad_y, _grad_xas):
     saved = saved_named(ctx)
-    n = ctx.n
     x, weight, lora_a, lora_b, xas = saved["x"], saved["weight"], saved["lora_a"], saved["lora_b"], saved["xas"]
     need_da, need_db, need_dbias, need_dg = ctx.flags
     seeds, col_scale, y, bias, zero_cols = (saved[k] for k in ("seeds", "col_scale", "y", "bias", "zero_cols"))
@@ -198,9 +188,7 @@ def _backward(ctx, grad_y, _grad_xas):
         grad_y = (grad_y * col_scale).to(grad_y.dtype)
     bwd = _bwd_impl if eager else _lora_linear_bwd
     dx, das, dbs = bwd(grad_y, x, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, [need_dx, need_da, need_db], backend)
-    # list inputs take list gradients of the same length (None for adapters without grad)
-    das = [g if a.requires_grad else None for g, a in zip(das, lora_a)] if need_da else [None] * n
-    dbs = [g if b.requires_grad else None for g, b in zip(dbs, lora_b)] if need_db else [None] * n
+    das, dbs = adapter_grads(das, dbs, lora_a, lora_b, need_da, need_db)
     return (dx if need_dx else None), None, dbias, das, dbs, None, None, None, dg, None
 
 

@@ -6,12 +6,12 @@ torch.library (fake + autograd), dispatching to Triton or the reference.
 The op's inputs are the packed weight and its quantisation state (see tunefast/reference/quant.py),
 never a dense weight. The forward dequantises into a transient buffer, runs the fused LoRA math of
 tunefast/ops/lora.py on it and frees it; the backward dequantises again for dx (only when dx is
-needed). Kept for backward: what the LoRA op keeps (x, the (M, r_i) products xa_i, one seed per
-adapter) plus references to the packed tensors, which are the module's own: no dense copy of the
-weight lives between forward and backward, per layer or across layers.
+needed) and runs LoRA's backward op on it. Kept for backward: what the LoRA op keeps (x, the (M, r_i)
+products xa_i, one seed per adapter) plus references to the packed tensors, which are the module's
+own: no dense copy of the weight lives between forward and backward, per layer or across layers.
 
-Two ops, as for LoRA: ``tunefast::qlora_linear_fwd`` and ``tunefast::qlora_linear_bwd``. The public
-entry is :func:`qlora_linear`.
+Ops: ``tunefast::qlora_linear_fwd`` (its backward: ``tunefast::qlora_dequantize``, then LoRA's
+``tunefast::lora_linear_bwd``). The public entry is :func:`qlora_linear`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from ..reference import lora as ref
 from ..reference import quant as rq
 from ..reference.quant import QuantWeight
-from ._common import rows_to_shape, save_named, saved_named
+from ._common import save_named, saved_named
 from ._checks import check_lora_args, check_same_device
 from ._lowrank import SEED_HIGH as _SEED_HIGH
-from ._lowrank import flat_rows as _x2d
-from ._lowrank import triton_backward as _triton_backward
-from ._lowrank import triton_forward as _triton_forward
+from ._lowrank import adapter_grads, run_forward
+from .lora import _lora_linear_bwd
 
 __all__ = ["QuantWeight", "qlora_linear", "check_quant_weight"]
 
@@ -41,15 +39,17 @@ __all__ = ["QuantWeight", "qlora_linear", "check_quant_weight"]
 
 
 def _q_args(qw: QuantWeight):
-    return (
-        qw.data, qw.absmax, qw.absmax_code, qw.absmax_scale, qw.offset,
-        qw.quant_type, [int(s) for s in qw.shape], [int(qw.blocksize), int(qw.absmax_blocksize)],
-    )
+    """The op arguments of ``qw``: (tensors [data, absmax, absmax_code, absmax_scale, offset], quant_type,
+    layout [N, K, blocksize, absmax_blocksize])."""
+    tensors = [qw.data, qw.absmax, qw.absmax_code, qw.absmax_scale, qw.offset]
+    return tensors, qw.quant_type, [int(s) for s in qw.shape] + [int(qw.blocksize), int(qw.absmax_blocksize)]
 
 
-def _q_weight(data, absmax, absmax_code, absmax_scale, offset, quant_type, shape, blocksizes) -> QuantWeight:
-    return QuantWeight(data, absmax, quant_type, tuple(shape), blocksizes[0], absmax_code, absmax_scale,
-                       blocksizes[1], offset)
+def _q_weight(tensors, quant_type, layout) -> QuantWeight:
+    data, absmax, absmax_code, absmax_scale, offset = tensors
+    n, k, blocksize, absmax_blocksize = layout
+    return QuantWeight(data, absmax, quant_type, (n, k), blocksize, absmax_code, absmax_scale, absmax_blocksize,
+                       offset)
 
 
 def _dequantize(qw: QuantWeight, dtype: torch.dtype, round_through: list, use_triton: bool) -> Tensor:
@@ -65,11 +65,6 @@ def _dequantize(qw: QuantWeight, dtype: torch.dtype, round_through: list, use_tr
     )
 
 
-def _no_weight(qw: QuantWeight, like: Tensor) -> Tensor:
-    # An (N, K) stand-in without storage for the dense backward when dx is not needed (never read).
-    return like.new_empty(()).expand(*qw.shape)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The ops
 # ----------------------------------------------------------------------------------------------------
@@ -78,137 +73,87 @@ def _no_weight(qw: QuantWeight, like: Tensor) -> Tensor:
 @torch.library.custom_op("tunefast::qlora_linear_fwd", mutates_args=())
 def _qlora_linear_fwd(
     x: Tensor,
-    qdata: Tensor,
-    absmax: Tensor,
-    absmax_code: Optional[Tensor],
-    absmax_scale: Optional[Tensor],
-    offset: Optional[Tensor],
-    quant_type: str,
-    shape: list[int],
-    blocksizes: list[int],
+    quant: list[Optional[Tensor]], quant_type: str, layout: list[int],  # the QuantWeight, as _q_args gives it
     round_dtype: Optional[torch.dtype],
     grad_round_dtype: Optional[torch.dtype],
     bias: Optional[Tensor],
-    lora_a: list[Tensor],
-    lora_b: list[Tensor],
-    scalings: list[float],
-    dropout_p: list[float],
+    lora_a: list[Tensor], lora_b: list[Tensor], scalings: list[float], dropout_p: list[float],  # the adapters
     seeds: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
     """The dequantised weight is rounded to ``round_dtype`` before x's dtype; the backward's to
     ``grad_round_dtype``, then ``round_dtype`` (read by autograd, unused here)."""
-    qw = _q_weight(qdata, absmax, absmax_code, absmax_scale, offset, quant_type, shape, blocksizes)
-    x2d = _x2d(x)
     impl = _backend.resolve(backend, x.device)
-    use_triton = impl == "triton"
-    weight = _dequantize(qw, x.dtype, [round_dtype], use_triton)
-    if use_triton:
-        y2d, xas = _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
-    else:
-        with _backend.native_kernels(impl == "native"):
-            y2d, xas = ref.forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
-    return rows_to_shape(y2d, x.shape[:-1]), xas
+    weight = _dequantize(_q_weight(quant, quant_type, layout), x.dtype, [round_dtype], impl == "triton")
+    return run_forward(impl, x, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds)
 
 
 @_qlora_linear_fwd.register_fake
-def _(x, qdata, absmax, absmax_code, absmax_scale, offset, quant_type, shape, blocksizes, round_dtype,
-      grad_round_dtype, bias, lora_a, lora_b, scalings, dropout_p, seeds, backend):
+def _(x, quant, quant_type, layout, round_dtype, grad_round_dtype, bias, lora_a, lora_b, scalings, dropout_p, seeds,
+      backend):
     m = x.numel() // x.shape[-1]
-    return x.new_empty((*x.shape[:-1], shape[0])), [x.new_empty((m, a.shape[0]), dtype=a.dtype) for a in lora_a]
+    return x.new_empty((*x.shape[:-1], layout[0])), [x.new_empty((m, a.shape[0]), dtype=a.dtype) for a in lora_a]
 
 
-@torch.library.custom_op("tunefast::qlora_linear_bwd", mutates_args=())
-def _qlora_linear_bwd(
-    grad_y: Tensor,
-    x: Tensor,
-    qdata: Tensor,
-    absmax: Tensor,
-    absmax_code: Optional[Tensor],
-    absmax_scale: Optional[Tensor],
-    offset: Optional[Tensor],
+@torch.library.custom_op("tunefast::qlora_dequantize", mutates_args=())
+def _qlora_dequantize(
+    quant: list[Optional[Tensor]],
     quant_type: str,
-    shape: list[int],
-    blocksizes: list[int],
+    layout: list[int],
+    dtype: torch.dtype,
     round_first: Optional[torch.dtype],
     round_second: Optional[torch.dtype],
-    lora_a: list[Tensor],
-    lora_b: list[Tensor],
-    xas: list[Tensor],
-    scalings: list[float],
-    dropout_p: list[float],
-    seeds: Optional[Tensor],
-    needs: list[bool],
     backend: str,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Returns (dx, [dA_i], [dB_i]); a gradient not asked for in ``needs`` = (dx, dA, dB) is empty."""
-    need_dx, need_da, need_db = needs
-    qw = _q_weight(qdata, absmax, absmax_code, absmax_scale, offset, quant_type, shape, blocksizes)
-    dy2d = _x2d(grad_y)
-    x2d = _x2d(x) if need_da else x  # without dA, x is an empty placeholder (it was not kept)
-    impl = _backend.resolve(backend, grad_y.device)
-    use_triton = impl == "triton"
-    if need_dx:
-        weight = _dequantize(qw, grad_y.dtype, [round_first, round_second], use_triton)
-    else:
-        weight = _no_weight(qw, grad_y)
-    if use_triton:
-        dx, das, dbs = _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs)
-    else:
-        with _backend.native_kernels(impl == "native"):
-            dx, das, dbs = ref.backward(dy2d, x2d, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds, *needs)
-    dx = dx.view(*grad_y.shape[:-1], shape[1]) if need_dx else grad_y.new_empty(0)
-    return dx, das or [], dbs or []
+) -> Tensor:
+    """The dense (N, K) weight in ``dtype``, rounded through ``round_first`` then ``round_second`` (each
+    skipped when None): the backward's transient weight for dx."""
+    qw = _q_weight(quant, quant_type, layout)
+    return _dequantize(qw, dtype, [round_first, round_second], _backend.resolve(backend, qw.device) == "triton")
 
 
-@_qlora_linear_bwd.register_fake
-def _(grad_y, x, qdata, absmax, absmax_code, absmax_scale, offset, quant_type, shape, blocksizes, round_first,
-      round_second, lora_a, lora_b, xas, scalings, dropout_p, seeds, needs, backend):
-    need_dx, need_da, need_db = needs
-    dx = grad_y.new_empty((*grad_y.shape[:-1], shape[1])) if need_dx else grad_y.new_empty(0)
-    das = [torch.empty_like(a) for a in lora_a] if need_da else []
-    dbs = [torch.empty_like(b) for b in lora_b] if need_db else []
-    return dx, das, dbs
-
-
-_N_QUANT_TENSORS = 5  # qdata, absmax, absmax_code, absmax_scale, offset
+@_qlora_dequantize.register_fake
+def _(quant, quant_type, layout, dtype, round_first, round_second, backend):
+    return quant[0].new_empty(tuple(layout[:2]), dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    x, *quant_tensors = inputs[: 1 + _N_QUANT_TENSORS]
-    quant_type, shape, blocksizes, round_dtype, grad_round = inputs[1 + _N_QUANT_TENSORS : 6 + _N_QUANT_TENSORS]
-    bias, lora_a, lora_b, scalings, dropout_p, seeds, backend = inputs[6 + _N_QUANT_TENSORS :]
+    x, quant, quant_type, layout, round_dtype, grad_round, bias, lora_a, lora_b, scalings, dropout_p, seeds, backend = (
+        inputs)
     _, xas = output
     need_da = any(a.requires_grad for a in lora_a)
     need_db = any(b.requires_grad for b in lora_b)
     # The packed tensors are the module's own (no new memory); no dense weight is saved.
-    save_named(ctx, x=x if need_da else None, quant=list(quant_tensors), lora_a=list(lora_a), lora_b=list(lora_b),
+    save_named(ctx, x=x if need_da else None, quant=list(quant), lora_a=list(lora_a), lora_b=list(lora_b),
                xas=list(xas) if need_db else [], seeds=seeds)
-    ctx.n = len(lora_a)
     ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad)
     # bitsandbytes' backward: dequantise to QuantState.dtype, then cast to the gradient's dtype (C)
     rounds = (grad_round, round_dtype)
-    ctx.static = (quant_type, list(shape), list(blocksizes), rounds, list(scalings), list(dropout_p), backend)
+    ctx.static = (quant_type, list(layout), rounds, list(scalings), list(dropout_p), backend)
 
 
 def _backward(ctx, grad_y, _grad_xas):
+    """LoRA's backward op on the weight dequantised again (only when dx is needed: without dx an (N, K)
+    stand-in without storage, never read)."""
     saved = saved_named(ctx)
-    n = ctx.n
-    x, quant_tensors, lora_a, lora_b = saved["x"], saved["quant"], saved["lora_a"], saved["lora_b"]
+    x, quant, lora_a, lora_b = saved["x"], saved["quant"], saved["lora_a"], saved["lora_b"]
     need_da, need_db, need_dbias = ctx.flags
     xas, seeds = saved["xas"], saved["seeds"]
-    quant_type, shape, blocksizes, rounds, scalings, dropout_p, backend = ctx.static
+    quant_type, layout, rounds, scalings, dropout_p, backend = ctx.static
     need_dx = ctx.needs_input_grad[0]
     if x is None:  # dA not needed, so x was not kept
         x = grad_y.new_empty(0)
-    dx, das, dbs = _qlora_linear_bwd(
-        grad_y, x, *quant_tensors, quant_type, shape, blocksizes, *rounds,
-        lora_a, lora_b, xas, scalings, dropout_p, seeds, [need_dx, need_da, need_db], backend,
-    )
+    if need_dx:
+        weight = _qlora_dequantize(quant, quant_type, layout, grad_y.dtype, *rounds, backend)
+    else:
+        weight = grad_y.new_empty(()).expand(*layout[:2])
+    dx, das, dbs = _lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, xas, scalings, dropout_p, seeds,
+                                    [need_dx, need_da, need_db], backend)
     dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_dbias else None
-    das = [g if a.requires_grad else None for g, a in zip(das, lora_a)] if need_da else [None] * n
-    dbs = [g if b.requires_grad else None for g, b in zip(dbs, lora_b)] if need_db else [None] * n
-    return (dx if need_dx else None), *([None] * 10), dbias, das, dbs, None, None, None, None
+    das, dbs = adapter_grads(das, dbs, lora_a, lora_b, need_da, need_db)
+    # torch.library takes a list input holding a None (no double quantisation) as one leaf: its gradient is
+    # then None; a list of tensors takes a list of gradients.
+    dquant = None if any(t is None for t in quant) else [None] * len(quant)
+    return (dx if need_dx else None), dquant, None, None, None, None, dbias, das, dbs, None, None, None, None
 
 
 torch.library.register_autograd("tunefast::qlora_linear_fwd", _backward, setup_context=_setup_context)
