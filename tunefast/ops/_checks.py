@@ -34,15 +34,22 @@ def check_same_device(pairs) -> None:
             raise ValueError(f"{name} is on {t.device} but {name0} is on {t0.device}: move them to one device")
 
 
+def check_input_and_weight(x, weight, x_name: str = "x") -> tuple[int, int]:
+    """x (*, K) and a 2-D weight (N, K) with the same K (x named ``x_name`` in errors). Returns (N, K)."""
+    check_tensor(x, x_name, min_ndim=1)
+    check_tensor(weight, "weight", ndim=2)
+    n_out, n_in = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"{x_name} has {x.shape[-1]} features but weight expects {n_in} "
+                         f"(weight shape {tuple(weight.shape)})")
+    return n_out, n_in
+
+
 def check_linear_args(x, weight, bias, backend, trains: str) -> tuple[int, int]:
     """Checks shared by the ops on a frozen linear base: x (*, K), weight (N, K), bias (N,). ``trains``
     names what the op trains instead of the weight (for the frozen-weight error). Returns (N, K)."""
     _backend.check_backend_name(backend)
-    check_tensor(x, "x", min_ndim=1)
-    check_tensor(weight, "weight", ndim=2)
-    n_out, n_in = weight.shape
-    if x.shape[-1] != n_in:
-        raise ValueError(f"x has {x.shape[-1]} features but weight expects {n_in} (weight shape {tuple(weight.shape)})")
+    n_out, n_in = check_input_and_weight(x, weight)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             f"weight requires grad: this op trains only {trains} and never forms the dense weight's "

@@ -21,6 +21,7 @@ from ..reference import routed_lora as ref
 from ._common import rows_to_shape, save_named, saved_named
 from ._checks import check_lora_args
 from ._lowrank import SEED_HIGH as _SEED_HIGH
+from ._lowrank import adapter_grads
 
 
 @torch.library.custom_op("tunefast::routed_lora_linear_fwd", mutates_args=())
@@ -70,7 +71,6 @@ def _setup_context(ctx, inputs, output):
     need_db = any(b.requires_grad for b in lora_b)
     save_named(ctx, x=x, weight=weight, xa_sorted=output[1], seeds=seeds, adapter_ids=adapter_ids,
                lora_a=list(lora_a), lora_b=list(lora_b))
-    ctx.n = len(lora_a)
     ctx.flags = (need_da, need_db, bias is not None and bias.requires_grad)
     ctx.static = (list(scalings), list(dropout_p), backend)
 
@@ -87,8 +87,7 @@ def _backward(ctx, grad_y, _grad_xa):
         [need_dx, need_da, need_db], backend,
     )
     dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_dbias else None
-    das = [g if a.requires_grad else None for g, a in zip(das, lora_a)] if need_da else [None] * ctx.n
-    dbs = [g if b.requires_grad else None for g, b in zip(dbs, lora_b)] if need_db else [None] * ctx.n
+    das, dbs = adapter_grads(das, dbs, lora_a, lora_b, need_da, need_db)
     return (dx if need_dx else None), None, dbias, das, dbs, None, None, None, None, None
 
 
@@ -151,9 +150,7 @@ def check_adapter_ids(adapter_ids, x: Tensor, n: int) -> Tensor:
 def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, adapter_ids):
     from ..kernels import lora as kl
 
-    n = len(lora_a)
-    order, bounds = ref.segments(adapter_ids, n)
-    xs = x2d.index_select(0, order)
+    order, bounds, xs = ref.sort_rows(adapter_ids, len(lora_a), x2d)
     ys = torch.empty((xs.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
     r_max = max(a.shape[0] for a in lora_a)
     xa_sorted = xs.new_zeros((xs.shape[0], r_max), dtype=lora_a[0].dtype)
@@ -170,19 +167,14 @@ def _triton_forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seed
                                x_row0=st)
         xa_sorted[st:en, : a.shape[0]] = xa
         kl.lora_linear(ys[st:en], xs[st:en], weight.t(), bias, xa, b.t(), s)
-    y = torch.empty_like(ys)
-    y[order] = ys
-    return y, xa_sorted
+    return ref.unsort_rows(ys, order), xa_sorted
 
 
 def _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xa_sorted, scalings, dropout_p, seeds, adapter_ids,
                      need_dx, need_da, need_db):
     from ..kernels import lora as kl
 
-    n = len(lora_a)
-    order, bounds = ref.segments(adapter_ids, n)
-    dys = dy2d.index_select(0, order)
-    xs = x2d.index_select(0, order) if need_da else None
+    order, bounds, dys, xs = ref.sort_rows(adapter_ids, len(lora_a), dy2d, x2d if need_da else None)
     dxs = torch.empty((dys.shape[0], weight.shape[1]), device=dys.device, dtype=dys.dtype) if need_dx else None
     st, en = bounds[0], bounds[1]
     if need_dx and en > st:
@@ -200,8 +192,4 @@ def _triton_backward(dy2d, x2d, weight, lora_a, lora_b, xa_sorted, scalings, dro
             das.append(kl.dropout_matmul(dxa.t(), xs[st:en], a.dtype, ks, seed, thr, drop="b", x_row0=st))
         if need_dx and en > st:
             kl.lora_linear(dxs[st:en], dys[st:en], weight, None, dxa, a, ks, seed, thr, x_row0=st)
-    dx = None
-    if need_dx:
-        dx = torch.empty_like(dxs)
-        dx[order] = dxs
-    return dx, das, dbs
+    return ref.unsort_rows(dxs, order), das, dbs

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from ..reference import side as ref
-from ._checks import check_same_device, check_tensor
+from ._checks import check_input_and_weight, check_same_device, check_tensor
 from .linear_cross_entropy import loss_sum_and_dhidden
 from ..reference.linear_cross_entropy import default_chunk_rows
 
@@ -53,15 +53,9 @@ def _resolve(backend: str, device: torch.device, width: int) -> str:
 
 @torch.library.custom_op("tunefast::ladder_merge_fwd", mutates_args=())
 def _ladder_merge_fwd(
-    h: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    side: Optional[Tensor],
-    gate: Optional[Tensor],
-    norm_weight: Tensor,
-    norm_bias: Optional[Tensor],
-    eps: float,
-    rms: bool,
+    h: Tensor, weight: Tensor, bias: Optional[Tensor],  # backbone state (*, D); down-projection (N, D), (N,)
+    side: Optional[Tensor], gate: Optional[Tensor],  # side state (*, N) and the (1,) fp32 gate, None on rung 0
+    norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, rms: bool,  # the norm over N
     backend: str,
 ) -> Tensor:
     n = weight.shape[0]
@@ -84,15 +78,10 @@ def _(h, weight, bias, side, gate, norm_weight, norm_bias, eps, rms, backend):
 @torch.library.custom_op("tunefast::ladder_merge_bwd", mutates_args=())
 def _ladder_merge_bwd(
     grad_y: Tensor,
-    h: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    side: Optional[Tensor],
-    gate: Optional[Tensor],
-    norm_weight: Tensor,
-    eps: float,
-    rms: bool,
-    needs: list[bool],
+    h: Tensor, weight: Tensor, bias: Optional[Tensor],  # as in the forward
+    side: Optional[Tensor], gate: Optional[Tensor],
+    norm_weight: Tensor, eps: float, rms: bool,  # norm_bias is not needed for the gradients
+    needs: list[bool],  # (dweight, dside)
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dweight, dbias, dside, dgate, dnorm_weight, dnorm_bias); absent or unneeded ones are empty."""
@@ -202,11 +191,7 @@ def _check_merge_args(h, weight, bias, side, gate, norm_weight, norm_bias, eps, 
     _backend.check_backend_name(backend)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    check_tensor(h, "h", min_ndim=1)
-    check_tensor(weight, "weight", ndim=2)
-    n, d = weight.shape
-    if h.shape[-1] != d:
-        raise ValueError(f"h has {h.shape[-1]} features but weight expects {d} (weight shape {tuple(weight.shape)})")
+    n, d = check_input_and_weight(h, weight, "h")
     if h.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "h requires grad: the ladder merge never back-propagates into the backbone; run the backbone "
@@ -247,13 +232,8 @@ def _check_merge_args(h, weight, bias, side, gate, norm_weight, norm_bias, eps, 
 
 @torch.library.custom_op("tunefast::side_lm_loss", mutates_args=())
 def _side_lm_loss(
-    s: Tensor,
-    up_weight: Tensor,
-    up_bias: Optional[Tensor],
-    h_last: Tensor,
-    lm_weight: Tensor,
-    lm_bias: Optional[Tensor],
-    targets: Tensor,
+    s: Tensor, up_weight: Tensor, up_bias: Optional[Tensor],  # side output (M, N); up-projection (D, N), (D,)
+    h_last: Tensor, lm_weight: Tensor, lm_bias: Optional[Tensor], targets: Tensor,  # frozen: (M, D), (V, D), (V,), (M,)
     chunk_rows: int,
     needs: list[bool],
     backend: str,

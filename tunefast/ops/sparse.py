@@ -144,11 +144,8 @@ def _sparse_linear_fwd(
     weight: Tensor,
     bias: Optional[Tensor],
     values: list[Tensor],
-    indices: list[Tensor],
-    row_ptrs: list[Tensor],
-    col_ptrs: list[Tensor],
-    t_rows: list[Tensor],
-    t_perms: list[Tensor],
+    # each delta's SparseStructure, field by field (_structs regroups them)
+    indices: list[Tensor], row_ptrs: list[Tensor], col_ptrs: list[Tensor], t_rows: list[Tensor], t_perms: list[Tensor],
     backend: str,
 ) -> Tensor:
     structs = _structs(indices, row_ptrs, col_ptrs, t_rows, t_perms)
@@ -167,11 +164,8 @@ def _sparse_linear_bwd(
     x: Tensor,
     weight: Tensor,
     values: list[Tensor],
-    indices: list[Tensor],
-    row_ptrs: list[Tensor],
-    col_ptrs: list[Tensor],
-    t_rows: list[Tensor],
-    t_perms: list[Tensor],
+    # each delta's SparseStructure, field by field (_structs regroups them)
+    indices: list[Tensor], row_ptrs: list[Tensor], col_ptrs: list[Tensor], t_rows: list[Tensor], t_perms: list[Tensor],
     needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, list[Tensor]]:

@@ -34,15 +34,28 @@ def segments(adapter_ids: torch.Tensor, n_adapters: int) -> tuple[torch.Tensor, 
     return order, bounds
 
 
+def sort_rows(adapter_ids: torch.Tensor, n_adapters: int, *tensors):
+    """(order, bounds, *sorted): each (M, ...) tensor's rows gathered into segment order (None stays None)."""
+    order, bounds = segments(adapter_ids, n_adapters)
+    return (order, bounds, *(None if t is None else t.index_select(0, order) for t in tensors))
+
+
+def unsort_rows(rows: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | None:
+    """Segment-ordered rows back in token order (None stays None)."""
+    if rows is None:
+        return None
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
+
+
 def _seed(seeds, a) -> int:
     return 0 if seeds is None else int(seeds[a])
 
 
 def forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, adapter_ids):
     """Return (y2d (M, N), xa_sorted (M, max r))."""
-    n = len(lora_a)
-    order, bounds = segments(adapter_ids, n)
-    xs = x2d.index_select(0, order)
+    order, bounds, xs = sort_rows(adapter_ids, len(lora_a), x2d)
     ys = F.linear(xs, weight, bias)
     r_max = max(a.shape[0] for a in lora_a)
     xa_sorted = xs.new_zeros((xs.shape[0], r_max), dtype=lora_a[0].dtype)
@@ -53,18 +66,13 @@ def forward(x2d, weight, bias, lora_a, lora_b, scalings, dropout_p, seeds, adapt
         xa = apply_dropout(xs[st:en].to(a.dtype), _seed(seeds, i), p, row_start=st) @ a.t()
         xa_sorted[st:en, : a.shape[0]] = xa
         ys[st:en] = (ys[st:en] + (xa @ b.t()) * s).to(ys.dtype)
-    y = torch.empty_like(ys)
-    y[order] = ys
-    return y, xa_sorted
+    return unsort_rows(ys, order), xa_sorted
 
 
 def backward(dy2d, x2d, weight, lora_a, lora_b, xa_sorted, scalings, dropout_p, seeds, adapter_ids,
              need_dx, need_da, need_db):
     """Gradients (dx (M, K) or None, [dA_a] or None, [dB_a] or None)."""
-    n = len(lora_a)
-    order, bounds = segments(adapter_ids, n)
-    dys = dy2d.index_select(0, order)
-    xs = x2d.index_select(0, order) if need_da else None
+    order, bounds, dys, xs = sort_rows(adapter_ids, len(lora_a), dy2d, x2d if need_da else None)
     dxs = dys @ weight if need_dx else None
     das, dbs = [], []
     for i, (a, b, s, p) in enumerate(zip(lora_a, lora_b, scalings, dropout_p)):
@@ -78,8 +86,4 @@ def backward(dy2d, x2d, weight, lora_a, lora_b, xa_sorted, scalings, dropout_p, 
             das.append(dxa.t() @ apply_dropout(xs[st:en].to(a.dtype), seed, p, row_start=st))
         if need_dx and en > st:
             dxs[st:en] += apply_dropout(dxa @ a, seed, p, row_start=st).to(dxs.dtype)
-    dx = None
-    if need_dx:
-        dx = torch.empty_like(dxs)
-        dx[order] = dxs
-    return dx, (das if need_da else None), (dbs if need_db else None)
+    return unsort_rows(dxs, order), (das if need_da else None), (dbs if need_db else None)

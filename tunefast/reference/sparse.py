@@ -40,27 +40,27 @@ def sddmm(dy2d: torch.Tensor, x2d: torch.Tensor, indices: torch.Tensor, n_in: in
     return out
 
 
+def _gather_scatter(inp: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor, values: torch.Tensor,
+                    n_out: int) -> torch.Tensor:
+    """out (M, n_out) fp32 with out[:, scatter[k]] += inp[:, gather[k]] * values[k], in (M, chunk) blocks."""
+    out = torch.zeros(inp.shape[0], n_out, device=inp.device, dtype=torch.float32)
+    step = _step(inp.shape[0])
+    for s in range(0, gather.numel(), step):
+        sl = slice(s, s + step)
+        out.index_add_(1, scatter[sl], inp[:, gather[sl]].float() * values[sl].float())
+    return out
+
+
 def spmm(x2d: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_out: int) -> torch.Tensor:
     """x2d (M, K) @ Delta^T: fp32 (M, n_out)."""
-    n_in = x2d.shape[1]
-    rows, cols = rows_cols(indices, n_in)
-    out = torch.zeros(x2d.shape[0], n_out, device=x2d.device, dtype=torch.float32)
-    step = _step(x2d.shape[0])
-    for s in range(0, indices.numel(), step):
-        sl = slice(s, s + step)
-        out.index_add_(1, rows[sl], x2d[:, cols[sl]].float() * values[sl].float())
-    return out
+    rows, cols = rows_cols(indices, x2d.shape[1])
+    return _gather_scatter(x2d, cols, rows, values, n_out)
 
 
 def spmm_t(dy2d: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_in: int) -> torch.Tensor:
     """dy2d (M, N) @ Delta: fp32 (M, n_in)."""
     rows, cols = rows_cols(indices, n_in)
-    out = torch.zeros(dy2d.shape[0], n_in, device=dy2d.device, dtype=torch.float32)
-    step = _step(dy2d.shape[0])
-    for s in range(0, indices.numel(), step):
-        sl = slice(s, s + step)
-        out.index_add_(1, cols[sl], dy2d[:, rows[sl]].float() * values[sl].float())
-    return out
+    return _gather_scatter(dy2d, rows, cols, values, n_in)
 
 
 def forward(x2d, weight, bias, values, indices):
