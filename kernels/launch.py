@@ -177,6 +177,28 @@ def pipeline_smem(config: triton.Config, *tiles: tuple[int, int], elem: int) -> 
     return max(config.num_stages - 1, 1) * sum(r * c for r, c in tiles) * elem
 
 
+def matmul_configs(tiles, group_m: int = 8) -> list:
+    """Configs of a GEMM-tiled kernel from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) rows."""
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group_m), num_stages=s, num_warps=w)
+            for m, n, k, s, w in tiles]
+
+
+def grouped_grid(rows: int, cols: int, *more: int) -> Callable[[dict], tuple]:
+    """Grid of a kernel whose axis 0 walks the (rows / BLOCK_M) x (cols / BLOCK_N) tiles in grouped order
+    (kernels/tiles.py ``grouped_tile_ids``); ``more``: further grid axes (split-K partials)."""
+    return lambda c: (triton.cdiv(rows, c["BLOCK_M"]) * triton.cdiv(cols, c["BLOCK_N"]), *more)
+
+
+def prune_to_sizes(**tiles: str) -> Callable[[list, dict], list]:
+    """A ``Kernel.prune`` keeping the configs whose tiles are at most twice the size they tile (rounded up to
+    a power of two, at least 16): tiles far larger than the matrix only waste work.
+    ``prune_to_sizes(BLOCK_M="M", BLOCK_N="N")`` names each tile's size argument."""
+    def prune(configs, named):
+        bound = {t: 2 * max(16, triton.next_power_of_2(int(named[size]))) for t, size in tiles.items()}
+        return [c for c in configs if all(c.kwargs[t] <= b for t, b in bound.items())]
+    return prune
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------

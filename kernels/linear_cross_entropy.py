@@ -28,40 +28,33 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .tiles import row_vector, tile_matmul, tile_range
 
 GPU_PART_V = 128  # vocab columns per partial slice on a GPU: the smallest BLOCK_V of the forward's configs
 
 
 @triton.jit
 def _logits_tile(
-    h_ptr, w_ptr, b_ptr, rn64, rv64, mask_n, mask_v, H, softcap, logit_scale,
+    h_ptr, w_ptr, b_ptr, N, V, H, softcap, logit_scale,
     stride_hn, stride_hh, stride_wv, stride_wh,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """(z, tanh(y / softcap) or z): the post-processed fp32 logits of one tile (padding columns: any value)."""
-    rh = tl.arange(0, BLOCK_H)
-    h_ptrs = h_ptr + rn64[:, None] * stride_hn + rh[None, :] * stride_hh
-    w_ptrs = w_ptr + rh[:, None] * stride_wh + rv64[None, :] * stride_wv  # W^T tile (BLOCK_H, BLOCK_V)
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hmask = (h0 + rh) < H
-        h = tl.load(h_ptrs, mask=mask_n[:, None] & hmask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=hmask[:, None] & mask_v[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
-        h_ptrs += BLOCK_H * stride_hh
-        w_ptrs += BLOCK_H * stride_wh
+    """The (BLOCK_N, BLOCK_V) tile of program (row block, vocab tile): (rows, vocab columns, row mask, column
+    mask, z, tanh(y / softcap) or z), z the post-processed fp32 logits (padding columns: any value). W is
+    read as W^T, a (BLOCK_H, BLOCK_V) tile."""
+    rn64, mask_n = tile_range(tl.program_id(0), BLOCK_N, N)
+    rv64, mask_v = tile_range(tl.program_id(1), BLOCK_V, V)
+    acc = tile_matmul(tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32), h_ptr, w_ptr, rn64, rv64, mask_n, mask_v, H,
+                      stride_hn, stride_hh, stride_wh, stride_wv, UPCAST, PRECISION, BLOCK_H)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rv64, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        acc += row_vector(b_ptr, rv64, mask_v)
     acc = acc * logit_scale
     if SOFTCAP:
         # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 for large |x| (exp overflows to inf, or 0)
         t = 1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0)
-        return t * softcap, t
-    return acc, acc
+        return rn64, rv64, mask_n, mask_v, t * softcap, t
+    return rn64, rv64, mask_n, mask_v, acc, acc
 
 
 @triton.jit
@@ -76,13 +69,10 @@ def _lce_fwd_kernel(
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_n, pid_v = tl.program_id(0), tl.program_id(1)
-    rn64 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rv64 = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    mask_n, mask_v = rn64 < N, rv64 < V
-    z, _ = _logits_tile(h_ptr, w_ptr, b_ptr, rn64, rv64, mask_n, mask_v, H, softcap, logit_scale,
-                        stride_hn, stride_hh, stride_wv, stride_wh,
-                        HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    rn64, rv64, mask_n, mask_v, z, _ = _logits_tile(
+        h_ptr, w_ptr, b_ptr, N, V, H, softcap, logit_scale, stride_hn, stride_hh, stride_wv, stride_wh,
+        HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    pid_v = tl.program_id(1)
     zm = tl.where(mask_v[None, :], z, float("-inf"))
     m = tl.max(zm, axis=1)
     s = tl.sum(tl.exp(zm - m[:, None]), axis=1)
@@ -111,13 +101,9 @@ def _lce_grad_kernel(
     NEED_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_n, pid_v = tl.program_id(0), tl.program_id(1)
-    rn64 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rv64 = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    mask_n, mask_v = rn64 < N, rv64 < V
-    z, t = _logits_tile(h_ptr, w_ptr, b_ptr, rn64, rv64, mask_n, mask_v, H, softcap, logit_scale,
-                        stride_hn, stride_hh, stride_wv, stride_wh,
-                        HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    rn64, rv64, mask_n, mask_v, z, t = _logits_tile(
+        h_ptr, w_ptr, b_ptr, N, V, H, softcap, logit_scale, stride_hn, stride_hh, stride_wv, stride_wh,
+        HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     lab = tl.load(lab_ptr + rn64, mask=mask_n, other=ignore_index).to(tl.int64)
     lse = tl.load(lse_ptr + rn64, mask=mask_n, other=0.0)
     g = tl.load(g_ptr + rn64 * stride_g, mask=mask_n, other=0.0).to(tl.float32)

@@ -28,21 +28,7 @@ import triton.language as tl
 
 from .dropout import philox_keep
 from . import launch
-
-
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped ordering (Triton tutorial 03): GROUP_M row-blocks share B tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+from .tiles import dot, grouped_tile_ids, load_tile, row_vector, store_tile, tile_matmul, tile_range
 
 
 @triton.jit
@@ -64,45 +50,16 @@ def _lora_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
+    pid_m, pid_n = grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm64, mask_m = tile_range(pid_m, BLOCK_M, M)
+    rn64, mask_n = tile_range(pid_n, BLOCK_N, N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
     if HAS_MAIN:
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm64[:, None] * stride_am + rk[None, :] * stride_ak
-        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn64[None, :] * stride_bn
-        for k0 in range(0, K, BLOCK_K):
-            kmask = (k0 + rk) < K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
-            if UPCAST_MAIN:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
-
+        acc = tile_matmul(acc, a_ptr, b_ptr, rm64, rn64, mask_m, mask_n, K, stride_am, stride_ak, stride_bk, stride_bn,
+                          UPCAST_MAIN, PRECISION, BLOCK_K)
     # Low-rank epilogue: R <= a few hundred, so this loop is short next to the main one.
-    lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rr = tl.arange(0, BLOCK_R)
-    l_ptrs = l_ptr + rm64[:, None] * stride_lm + rr[None, :] * stride_lr
-    u_ptrs = u_ptr + rr[:, None] * stride_ur + rn64[None, :] * stride_un
-    for r0 in range(0, R, BLOCK_R):
-        rmask = (r0 + rr) < R
-        lt = tl.load(l_ptrs, mask=mask_m[:, None] & rmask[None, :], other=0.0)
-        ut = tl.load(u_ptrs, mask=rmask[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST_LR:
-            lt = lt.to(tl.float32)
-            ut = ut.to(tl.float32)
-        lr = tl.dot(lt, ut, lr, input_precision=PRECISION)
-        l_ptrs += BLOCK_R * stride_lr
-        u_ptrs += BLOCK_R * stride_ur
+    lr = tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, u_ptr, rm64, rn64, mask_m, mask_n, R,
+                     stride_lm, stride_lr, stride_ur, stride_un, UPCAST_LR, PRECISION, BLOCK_R)
     lr = lr * lr_scale
     if DROPOUT:
         # C's (row, col) is x's (token, feature): the same offsets the forward drew with.
@@ -110,15 +67,12 @@ def _lora_linear_kernel(
         lr = tl.where(keep, lr, 0.0)
     acc += lr
     if HAS_COL_SCALE:
-        acc = acc * tl.load(col_scale_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-
+        acc = acc * row_vector(col_scale_ptr, rn64, mask_n)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
-    cmask = mask_m[:, None] & mask_n[None, :]
+        acc += row_vector(bias_ptr, rn64, mask_n)
     if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+        acc += load_tile(c_ptr, rm64, rn64, mask_m, mask_n, stride_cm, stride_cn)
+    store_tile(c_ptr, acc, rm64, rn64, mask_m, mask_n, stride_cm, stride_cn)
 
 
 @triton.jit
@@ -136,19 +90,16 @@ def _dropout_matmul_kernel(
     DROP_A: tl.constexpr, DROP_B: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm64, mask_m = tile_range(pid_m, BLOCK_M, M)
+    rn64, mask_n = tile_range(pid_n, BLOCK_N, N)
     rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
     k_begin = pid_k * K_PER_SPLIT
     k_end = min(K, k_begin + K_PER_SPLIT)
     if DROP_A or DROP_B:
         seed = tl.load(seed_ptr)
+    # tiles.tile_matmul's loop over one split's K range, with the keep mask drawn on the x operand's tile
     a_ptrs = a_ptr + rm64[:, None] * stride_am + (k_begin + rk)[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + (k_begin + rk)[:, None].to(tl.int64) * stride_bk + rn64[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -161,15 +112,10 @@ def _dropout_matmul_kernel(
             a = tl.where(philox_keep(seed, (x_row0 + rm64[:, None]) * x_cols + kk[None, :], threshold), a, 0.0)
         if DROP_B:
             b = tl.where(philox_keep(seed, (x_row0 + kk[:, None]) * x_cols + rn64[None, :], threshold), b, 0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = dot(a, b, acc, UPCAST, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    acc = acc * scale
-    c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(c_ptr + pid_k.to(tl.int64) * stride_cs, acc * scale, rm64, rn64, mask_m, mask_n, stride_cm, stride_cn)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,10 +132,7 @@ _TILES = [
 
 
 def _configs(arch, named):
-    return [
-        triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_stages=s, num_warps=w)
-        for m, n, k, s, w in _TILES
-    ]
+    return launch.matmul_configs(_TILES)
 
 
 def _fixed(arch, named, fits):
@@ -230,22 +173,17 @@ def _matmul_smem(c, named):
     return launch.pipeline_smem(c, (kw["BLOCK_M"], kw["BLOCK_K"]), (kw["BLOCK_K"], kw["BLOCK_N"]), elem=elem)
 
 
-def _prune(configs, named):
-    # Tiles far wider than the matrix only waste work: keep those within 2x of M and N (min 16).
-    m = max(16, triton.next_power_of_2(named["M"]))
-    n = max(16, triton.next_power_of_2(named["N"]))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= 2 * m and c.kwargs["BLOCK_N"] <= 2 * n]
-
+_PRUNE = launch.prune_to_sizes(BLOCK_M="M", BLOCK_N="N")
 
 # One small config for the CPU interpreter: every program costs ~ms there, so few, mid-size tiles.
 _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
 _LINEAR = launch.Kernel(
-    _lora_linear_kernel, configs=_configs, smem=_linear_smem, fixed=_fixed, prune=_prune,
+    _lora_linear_kernel, configs=_configs, smem=_linear_smem, fixed=_fixed, prune=_PRUNE,
     interpret=_INTERPRET_META, restore=["c_ptr"],  # ACCUMULATE reads c: every trial starts from the same c
 )
 _MATMUL = launch.Kernel(
-    _dropout_matmul_kernel, configs=_configs, smem=_matmul_smem, fixed=_fixed, prune=_prune,
+    _dropout_matmul_kernel, configs=_configs, smem=_matmul_smem, fixed=_fixed, prune=_PRUNE,
     interpret=_INTERPRET_META,
 )
 
@@ -288,8 +226,7 @@ def lora_linear(out, a, b, bias, l, u, lr_scale, seed=None, threshold=0, *, has_
         PRECISION=launch.precision(out),
         BLOCK_R=_block_r(R, l.element_size() == 4 or u.element_size() == 4 or out.element_size() == 4),
     )
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-    _LINEAR.launch(grid, args, meta, like=out)
+    _LINEAR.launch(launch.grouped_grid(M, N), args, meta, like=out)
     return out
 
 
@@ -335,8 +272,7 @@ def dropout_matmul(a, b, out_dtype, scale=1.0, seed=None, threshold=0, *, drop=N
         DROP_A=dropout and drop == "a", DROP_B=dropout and drop == "b",
         UPCAST=launch.upcast(a, b), PRECISION=launch.precision(a),
     )
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
-    _MATMUL.launch(grid, args, meta, like=a)
+    _MATMUL.launch(launch.grouped_grid(M, N, splits), args, meta, like=a)
     return out.sum(0).to(out_dtype) if splits > 1 else out[0]
 
 

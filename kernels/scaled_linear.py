@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .lora import _tile_ids
+from .tiles import dot, grouped_tile_ids, load_tile, row_vector, store_tile, tile_matmul, tile_range
 
 
 @triton.jit
@@ -42,14 +42,11 @@ def _scaled_linear_fwd_kernel(
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm64, mask_m = tile_range(pid_m, BLOCK_M, M)
+    rn64, mask_n = tile_range(pid_n, BLOCK_N, N)
     rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
+    # tiles.tile_matmul's loop, with the scale applied to each x tile as it is loaded
     x_ptrs = x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + rk[:, None] * stride_wk + rn64[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -63,16 +60,12 @@ def _scaled_linear_fwd_kernel(
         xl = x.to(scale_ptr.dtype.element_ty).to(tl.float32)
         xs = (xl * scale.to(tl.float32)[None, :]).to(scale_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            xs = xs.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(xs, w, acc, input_precision=PRECISION)
+        acc = dot(xs, w, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc += row_vector(bias_ptr, rn64, mask_n)
+    store_tile(y_ptr, acc, rm64, rn64, mask_m, mask_n, stride_ym, stride_yn)
 
 
 @triton.jit
@@ -89,37 +82,19 @@ def _scaled_linear_bwd_kernel(
     NEED_DX: tl.constexpr, NEED_DL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_k = rk < K
-    rm64 = rm.to(tl.int64)
-    rk64 = rk.to(tl.int64)
-    dy_ptrs = dy_ptr + rm64[:, None] * stride_dym + rn[None, :] * stride_dyn
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk64[None, :] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        nmask = (n0 + rn) < N
-        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & nmask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=nmask[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST:
-            dy = dy.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-        dy_ptrs += BLOCK_K * stride_dyn
-        w_ptrs += BLOCK_K * stride_wn
+    pid_m, pid_k = grouped_tile_ids(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    rm64, mask_m = tile_range(pid_m, BLOCK_M, M)
+    rk64, mask_k = tile_range(pid_k, BLOCK_N, K)
+    acc = tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), dy_ptr, w_ptr, rm64, rk64, mask_m, mask_k, N,
+                      stride_dym, stride_dyn, stride_wn, stride_wk, UPCAST, PRECISION, BLOCK_K)
     # g as torch's mm returns it (x's dtype), then cast to l's dtype, as PEFT's casts; products in fp32
     # (see the forward) rounded where PEFT rounds
     g = acc.to(dx_ptr.dtype.element_ty).to(scale_ptr.dtype.element_ty).to(tl.float32)
-    tile = mask_m[:, None] & mask_k[None, :]
     if NEED_DX:
-        scale = tl.load(scale_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
-        dx = (g * scale[None, :]).to(scale_ptr.dtype.element_ty).to(dx_ptr.dtype.element_ty)
-        tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, dx, mask=tile)
+        dx = (g * row_vector(scale_ptr, rk64, mask_k)).to(scale_ptr.dtype.element_ty)
+        store_tile(dx_ptr, dx, rm64, rk64, mask_m, mask_k, stride_dxm, stride_dxk)
     if NEED_DL:
-        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk, mask=tile, other=0.0)
+        x = load_tile(x_ptr, rm64, rk64, mask_m, mask_k, stride_xm, stride_xk)
         part = tl.sum(g * x.to(scale_ptr.dtype.element_ty).to(tl.float32), axis=0)
         tl.store(dl_ptr + pid_m.to(tl.int64) * stride_dlp + rk64, part, mask=mask_k)
 
@@ -137,8 +112,7 @@ _TILES = [
 
 
 def _configs(arch, named):
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_stages=s, num_warps=w)
-            for m, n, k, s, w in _TILES]
+    return launch.matmul_configs(_TILES)
 
 
 def _fixed(arch, named, fits):
@@ -162,19 +136,13 @@ def _smem(c, named):
     return c.num_stages * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem
 
 
-def _prune(configs, named):
-    # Tiles far wider than the matrix only waste work: keep those within 2x of M and N (min 16).
-    m = max(16, triton.next_power_of_2(named["M"]))
-    n = max(16, triton.next_power_of_2(named["N"]))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= 2 * m and c.kwargs["BLOCK_N"] <= 2 * n]
-
-
 _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
-_FWD = launch.Kernel(_scaled_linear_fwd_kernel, configs=_configs, smem=_smem, fixed=_fixed, prune=_prune,
-                     interpret=_INTERPRET_META)
-_BWD = launch.Kernel(_scaled_linear_bwd_kernel, configs=_configs, smem=_smem, fixed=_fixed, prune=_prune,
-                     interpret=_INTERPRET_META,
+_FWD = launch.Kernel(_scaled_linear_fwd_kernel, configs=_configs, smem=_smem, fixed=_fixed,
+                     prune=launch.prune_to_sizes(BLOCK_M="M", BLOCK_N="N"), interpret=_INTERPRET_META)
+# The backward's output tiles are (tokens M, features K): BLOCK_N tiles K (N is its reduction).
+_BWD = launch.Kernel(_scaled_linear_bwd_kernel, configs=_configs, smem=_smem, fixed=_fixed,
+                     prune=launch.prune_to_sizes(BLOCK_M="M", BLOCK_N="K"), interpret=_INTERPRET_META,
                      restore=["dl_ptr"])  # a trial with a smaller BLOCK_M writes rows the chosen one would not
 
 
@@ -189,8 +157,7 @@ def scaled_linear_fwd(x, weight, bias, scale):
     args = (x, wt, y, bias if bias is not None else y, scale, M, N, K,
             x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), y.stride(0), y.stride(1), launch.size_key(M, N, K))
     meta = dict(HAS_BIAS=bias is not None, UPCAST=launch.upcast(x, weight), PRECISION=launch.precision(x))
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-    _FWD.launch(grid, args, meta, like=x)
+    _FWD.launch(launch.grouped_grid(M, N), args, meta, like=x)
     return y
 
 
@@ -211,8 +178,7 @@ def scaled_linear_bwd(dy, weight, x, scale, need_dx, need_dl):
             out.stride(0), out.stride(1), partial.stride(0), launch.size_key(M, N, K))
     meta = dict(NEED_DX=bool(need_dx), NEED_DL=bool(need_dl), UPCAST=launch.upcast(dy, weight),
                 PRECISION=launch.precision(dy))
-    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
-    _BWD.launch(grid, args, meta, like=dy)
+    _BWD.launch(launch.grouped_grid(M, K), args, meta, like=dy)
     return dx, partial.sum(0).to(scale.dtype) if need_dl else None
 
 

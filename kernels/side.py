@@ -32,6 +32,7 @@ import triton.language as tl
 
 from .lora import dropout_matmul  # dW = dp^T h: a plain matmul with split-K over tokens
 from . import launch
+from .tiles import load_tile, row_vector, store_tile, tile_matmul, tile_range
 
 MAX_SIDE_WIDTH = 512
 PART_ROWS = 16  # rows per partial-sum slice in the backward (the smallest BLOCK_M)
@@ -39,33 +40,22 @@ PART_ROWS = 16  # rows per partial-sum slice in the backward (the smallest BLOCK
 
 @triton.jit
 def _merge_and_normalize(
-    h_ptr, w_ptr, b_ptr, s_ptr, g_ptr,
-    rm64, rn64, mask_m, mask_n, D, N, eps,
+    h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, M, D, N, eps,
     stride_hm, stride_hd, stride_wn, stride_wd, stride_sm, stride_sn,
     HAS_BIAS: tl.constexpr, HAS_SIDE: tl.constexpr, RMS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """(p - side (or p without a side state), zhat, rstd) of one (BLOCK_M, BLOCK_N) tile, all fp32."""
-    rd = tl.arange(0, BLOCK_D)
-    h_ptrs = h_ptr + rm64[:, None] * stride_hm + rd[None, :] * stride_hd
-    w_ptrs = w_ptr + rd[:, None] * stride_wd + rn64[None, :] * stride_wn  # W^T tile: (BLOCK_D, BLOCK_N)
-    p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dmask = (d0 + rd) < D
-        h = tl.load(h_ptrs, mask=mask_m[:, None] & dmask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=dmask[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        p = tl.dot(h, w, p, input_precision=PRECISION)
-        h_ptrs += BLOCK_D * stride_hd
-        w_ptrs += BLOCK_D * stride_wd
+    """The (BLOCK_M, BLOCK_N) tile of row block program_id(0): (rows, cols, row mask, col mask, p - side (or
+    p without a side state), zhat, rstd), the last three fp32. W is read as W^T, a (BLOCK_D, BLOCK_N) tile."""
+    rm64, mask_m = tile_range(tl.program_id(0), BLOCK_M, M)
+    rn64, mask_n = tile_range(0, BLOCK_N, N)
+    p = tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), h_ptr, w_ptr, rm64, rn64, mask_m, mask_n, D,
+                    stride_hm, stride_hd, stride_wd, stride_wn, UPCAST, PRECISION, BLOCK_D)
     if HAS_BIAS:
-        p += tl.load(b_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        p += row_vector(b_ptr, rn64, mask_n)
     if HAS_SIDE:
         g = tl.load(g_ptr).to(tl.float32)
-        s_ptrs = s_ptr + rm64[:, None] * stride_sm + rn64[None, :] * stride_sn
-        side = tl.load(s_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        side = load_tile(s_ptr, rm64, rn64, mask_m, mask_n, stride_sm, stride_sn)
         z = g * p + (1.0 - g) * side
         diff = p - side
     else:
@@ -78,7 +68,7 @@ def _merge_and_normalize(
         mean = tl.sum(z, axis=1) / N
         zc = tl.where(mask_n[None, :], z - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(zc * zc, axis=1) / N + eps)
-    return diff, zc * rstd[:, None], rstd
+    return rm64, rn64, mask_m, mask_n, diff, zc * rstd[:, None], rstd
 
 
 @triton.jit
@@ -97,22 +87,13 @@ def _ladder_merge_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
-    _, zhat, _ = _merge_and_normalize(
-        h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, rm64, rn64, mask_m, mask_n, D, N, eps,
-        stride_hm, stride_hd, stride_wn, stride_wd, stride_sm, stride_sn,
-        HAS_BIAS, HAS_SIDE, RMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-    )
-    y = zhat * tl.load(nw_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    rm64, rn64, mask_m, mask_n, _, zhat, _ = _merge_and_normalize(
+        h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, M, D, N, eps, stride_hm, stride_hd, stride_wn, stride_wd, stride_sm,
+        stride_sn, HAS_BIAS, HAS_SIDE, RMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    y = zhat * row_vector(nw_ptr, rn64, mask_n)
     if HAS_NORM_BIAS:
-        y += tl.load(nb_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        y += row_vector(nb_ptr, rn64, mask_n)
+    store_tile(y_ptr, y, rm64, rn64, mask_m, mask_n, stride_ym, stride_yn)
 
 
 @triton.jit
@@ -132,23 +113,12 @@ def _ladder_merge_bwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PART_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
-    diff, zhat, rstd = _merge_and_normalize(
-        h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, rm64, rn64, mask_m, mask_n, D, N, eps,
-        stride_hm, stride_hd, stride_wn, stride_wd, stride_sm, stride_sn,
-        HAS_BIAS, HAS_SIDE, RMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-    )
+    rm64, rn64, mask_m, mask_n, diff, zhat, rstd = _merge_and_normalize(
+        h_ptr, w_ptr, b_ptr, s_ptr, g_ptr, M, D, N, eps, stride_hm, stride_hd, stride_wn, stride_wd, stride_sm,
+        stride_sn, HAS_BIAS, HAS_SIDE, RMS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     # Rows past M and padding columns load dy = 0, so they add nothing to any sum below.
-    dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn, mask=mask, other=0.0)
-    dy = dy.to(tl.float32)
-    dzhat = dy * tl.load(nw_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    dy = load_tile(dy_ptr, rm64, rn64, mask_m, mask_n, stride_dym, stride_dyn)
+    dzhat = dy * row_vector(nw_ptr, rn64, mask_n)
     proj = tl.sum(dzhat * zhat, axis=1) / N
     if RMS:
         dz = (dzhat - zhat * proj[:, None]) * rstd[:, None]
@@ -160,16 +130,14 @@ def _ladder_merge_bwd_kernel(
         dp = g * dz
         tl.store(dg_ptr + rm64, tl.sum(dz * diff, axis=1), mask=mask_m)
         if NEED_DSIDE:
-            ds_ptrs = ds_ptr + rm64[:, None] * stride_dsm + rn64[None, :] * stride_dsn
-            tl.store(ds_ptrs, ((1.0 - g) * dz).to(ds_ptr.dtype.element_ty), mask=mask)
+            store_tile(ds_ptr, (1.0 - g) * dz, rm64, rn64, mask_m, mask_n, stride_dsm, stride_dsn)
     else:
         dp = dz
-    tl.store(dp_ptr + rm64[:, None] * stride_dpm + rn64[None, :] * stride_dpn, dp.to(dp_ptr.dtype.element_ty),
-             mask=mask)
+    store_tile(dp_ptr, dp, rm64, rn64, mask_m, mask_n, stride_dpm, stride_dpn)
 
     # Column sums over 16-row slices, stored at slice index = row // PART_ROWS whatever BLOCK_M is.
     SLICES: tl.constexpr = BLOCK_M // PART_ROWS
-    rs = pid * SLICES + tl.arange(0, SLICES)
+    rs = tl.program_id(0) * SLICES + tl.arange(0, SLICES)
     part_ptrs = part_ptr + rs.to(tl.int64)[:, None] * N + rn64[None, :]
     part_mask = (rs < S)[:, None] & mask_n[None, :]
     tl.store(part_ptrs, _slice_sums(dp, SLICES, PART_ROWS, BLOCK_N), mask=part_mask)
@@ -219,12 +187,6 @@ def _configs_for(budget):
     return configs
 
 
-def _prune(configs, named):
-    # Row tiles far taller than M only waste work.
-    m = max(16, triton.next_power_of_2(named["M"]))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= 2 * m]
-
-
 def _fixed_for(per_thread):
     def fixed(arch, named, fits):
         # The (BLOCK_M x N) fp32 tiles live in registers: 4 warps spill from N = 512 (sm_90: 300 B/thread
@@ -245,9 +207,10 @@ def _fixed_for(per_thread):
     return fixed
 
 
-_FWD = launch.Kernel(_ladder_merge_fwd_kernel, configs=_configs_for(16384), smem=_smem, prune=_prune,
+_PRUNE = launch.prune_to_sizes(BLOCK_M="M")  # row tiles far taller than M only waste work
+_FWD = launch.Kernel(_ladder_merge_fwd_kernel, configs=_configs_for(16384), smem=_smem, prune=_PRUNE,
                      fixed=_fixed_for(32), interpret=_INTERPRET_META)
-_BWD = launch.Kernel(_ladder_merge_bwd_kernel, configs=_configs_for(8192), smem=_smem, prune=_prune,
+_BWD = launch.Kernel(_ladder_merge_bwd_kernel, configs=_configs_for(8192), smem=_smem, prune=_PRUNE,
                      fixed=_fixed_for(16), interpret=_INTERPRET_META)
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .tiles import load_tile, store_tile, tile_range
 
 
 @triton.jit
@@ -44,14 +45,8 @@ def _spmm_kernel(
     # meta-parameters
     TRANSPOSED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask_t = rt < M
-    mask_s = rs < S
-    rt64 = rt.to(tl.int64)
-    rs64 = rs.to(tl.int64)
+    rt64, mask_t = tile_range(tl.program_id(0), BLOCK_T, M)
+    rs64, mask_s = tile_range(tl.program_id(1), BLOCK_S, S)
     # Segment bounds as (1, BLOCK_S) rows: the loop works on 2-D tiles only. Mixing 1-D segment vectors
     # with their 2-D broadcasts inside the loop fails to compile with triton 3.6 (conflicting layouts in
     # TritonGPURemoveLayoutConversions, sm_80 and sm_90, every dtype).
@@ -73,10 +68,8 @@ def _spmm_kernel(
         xin = tl.load(inp_ptr + rt64[:, None] * stride_im + g * stride_ig,
                       mask=mask_t[:, None] & live, other=0.0).to(tl.float32)
         acc += xin * v
-    o_ptrs = out_ptr + rt64[:, None] * stride_om + rs64[None, :] * stride_os
-    omask = mask_t[:, None] & mask_s[None, :]
-    acc += tl.load(o_ptrs, mask=omask, other=0.0).to(tl.float32)
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    acc += load_tile(out_ptr, rt64, rs64, mask_t, mask_s, stride_om, stride_os)
+    store_tile(out_ptr, acc, rt64, rs64, mask_t, mask_s, stride_om, stride_os)
 
 
 @triton.jit
@@ -92,11 +85,9 @@ def _sddmm_kernel(
     # meta-parameters
     BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    rk = pid * BLOCK_NZ + tl.arange(0, BLOCK_NZ)
-    mask_k = rk < NNZ
-    flat = tl.load(idx_ptr + rk.to(tl.int64), mask=mask_k, other=0)
+    rk, mask_k = tile_range(tl.program_id(0), BLOCK_NZ, NNZ)
+    flat = tl.load(idx_ptr + rk, mask=mask_k, other=0)
     r = flat // n_in
     c = flat - r * n_in
     t_begin = split * T_PER_SPLIT
