@@ -14,7 +14,7 @@ with fewer layers so it can be timed): a LoRA training step (forward with labels
   peft_fused_head    PEFT's LoRA layers, only the LM head's loss fused (tunefast/patching/lm_head.py)
   tunefast           tunefast.patch (the head is fused by default): LoRA layers and the head
 
-What to read: act_bytes (what autograd keeps between forward and backward) and its ratio; the issue's
+What to read: act_bytes (what autograd keeps between forward and backward) and its ratio; the project's
 claims, checked below when the variants ran: lora_step tunefast <= 0.25 x PEFT, qwen_step (24 layers)
 <= 0.2 x PEFT. On a CPU the fused loss runs the plain-PyTorch reference, so its times say how much
 memory traffic is skipped, not what the Triton kernel does. No peak memory on CPU (the harness reports
@@ -38,7 +38,7 @@ CPU_SIZES = {
     # (tokens, hidden, vocab): 256 tokens keep one step under ~2 s on one core at V = 151,936
     "head": [(256, 896, 32_000), (256, 896, 128_256), (256, 896, 151_936), (256, 4096, 32_000)],
     "lora": dict(hidden=256, intermediate=688, layers=2, heads=4, kv_heads=4, batch=2, seq=256, vocab=32_000),
-    # 24 layers: the shape (act_bytes only: a timed run needs minutes per step on this box)
+    # 24 layers: the Qwen2.5-0.5B shape (act_bytes only: a timed run needs minutes per step on this box)
     "qwen_layers": [24, 2],
 }
 CUDA_SIZES = {

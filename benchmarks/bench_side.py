@@ -18,7 +18,7 @@ on a GPU, peak_bytes; time ratios on a CPU only say how much work is skipped, si
 ops run as the plain-PyTorch reference. No TFLOP/s: the variants do different work (side tuning runs
 no backbone backward at all), so there is no one FLOP count per step.
 
-Claims checked on side_ladder (the issue's done-when): act_bytes <= 15 % of PEFT LoRA's, <= 12 % of
+Claims checked on side_ladder (the targets): act_bytes <= 15 % of PEFT LoRA's, <= 12 % of
 full fine-tuning's and below side_unfused's (the last two when those variants ran in the same session).
 """
 
@@ -36,7 +36,7 @@ MODEL = dict(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4, batch=
 CPU_SIZES = {
     "dtype": torch.float32,
     "model": MODEL,
-    # (seq, vocab): the sequence sweep at a small vocabulary (4 x 256 is the issue's done-when point),
+    # (seq, vocab): the sequence sweep at a small vocabulary (4 x 256 is the target's point),
     # plus Llama's 32000 at 256 tokens, where the (tokens x vocab) logits and their softmax dominate
     # what every unfused method keeps. Act bytes grow linearly in seq: 512+ adds minutes, not facts.
     "grid": [(64, 1024), (128, 1024), (256, 1024), (256, 32000)],

@@ -4,7 +4,7 @@ clones the weight every forward and forms its dense gradient), at densities 0.1 
 
 Cases (the same weights, inputs and, where the variants allow it, the same trained entries):
   values_grad  the values' gradient alone on a 4096 x 4096 layer: dense dy^T x then gather (baseline)
-               against the SDDMM (tunefast.ops.sparse: native C++ on CPU, Triton on a GPU). The issue's
+               against the SDDMM (tunefast.ops.sparse: native C++ on CPU, Triton on a GPU). The target's
                done-when: at 1 %, 2048 tokens, CPU: >= 5x faster and <= 1/50 of the gradient memory.
   layer_step   one 4096 x 4096 layer: forward, backward (dx too) and an AdamW step. All three variants
                train the same entries (SHiRA's r(in + out) of them, via its mask_fn) from the same values,

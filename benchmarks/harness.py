@@ -239,7 +239,7 @@ def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| in float64 (METHOD.md's norm-wise error); inf on NaN or shape mismatch."""
+    """||got - want|| / ||want|| in float64 (the norm-wise relative error); inf on NaN or shape mismatch."""
     if got.shape != want.shape:
         return math.inf
     got, want = got.detach().double(), want.detach().double()

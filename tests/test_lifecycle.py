@@ -1,4 +1,4 @@
-"""Issue 11's findings, one regression test each: every patched path equals unpatched PEFT, or raises a
+"""Lifecycle findings against PEFT, one regression test each: every patched path equals unpatched PEFT, or raises a
 clear error / reports a skip. Backend "reference" (plain PyTorch) unless the item is about dispatch."""
 
 import subprocess

@@ -14,7 +14,7 @@ FP32_RTOL = 1e-5
 
 
 def assert_rel_close(got, want, what, floor=0.0):
-    """Relative error ||got - want|| / ||want|| <= FP32_RTOL (the norm-wise error of METHOD.md).
+    """Relative error ||got - want|| / ||want|| <= FP32_RTOL (norm-wise, not elementwise).
 
     ``floor`` (a norm) covers gradients that are token sums with heavy cancellation, ~0 in exact
     arithmetic (a key projection's bias: softmax ignores a per-query constant, up to RoPE), where

@@ -36,8 +36,8 @@ def peft_reference(model, inputs, family):
 
 def test_registry_supports_model_handlers():
     assert hasattr(registry, "register_model"), (
-        "tunefast.patching.registry needs register_model / model_handlers and patch()/unpatch() must call them "
-        "(the registry change described in the issue-3 report): prompt learning is patched per model"
+        "tunefast.patching.registry needs register_model / model_handlers and patch()/unpatch() must call them: "
+        "prompt learning is patched per model"
     )
 
 
@@ -159,6 +159,50 @@ def test_unpatch_restores_everything_and_patch_twice_is_a_noop():
     assert type(model) is cls and model.base_model.config._attn_implementation == impl
     assert tp._STATE not in model.__dict__ and tunefast.get_report(model) is None
     assert torch.equal(model(**inputs).logits, before)
+
+
+def _registered(name):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return [name in AttentionInterface._global_mapping, name in AttentionMaskInterface._global_mapping]
+
+
+def test_the_attention_registration_lives_as_long_as_a_patched_model():
+    """transformers' attention table is process-wide: the name stays while any patched model (a deep copy
+    included) uses it, and goes with the last unpatch or garbage collection."""
+    import gc
+
+    from tunefast.patching import prefix_interface
+
+    name = "tunefast_prefix_reference"
+    gc.collect()
+    base = prefix_interface._holds.get(name, 0)  # patched models other tests of this process still hold
+
+    def holds(n):
+        assert prefix_interface._holds.get(name, 0) == base + n
+        assert _registered(name) == [base + n > 0] * 2
+
+    model = PM.prefix_model("llama")
+    model.eval()
+    inputs = M.batch("llama")
+    want = model(**inputs).logits
+    holds(0)
+    tunefast.patch(model, backend="reference", lm_head=False)
+    holds(1)
+    twin = copy.deepcopy(model)
+    holds(2)
+    tunefast.unpatch(model)
+    holds(1)  # the copy still runs through it
+    assert_rel_close(twin(**inputs).logits, want, "logits of the patched copy")
+    tunefast.unpatch(twin)
+    holds(0)
+    assert torch.equal(model(**inputs).logits, want) and torch.equal(twin(**inputs).logits, want)
+    tunefast.patch(model, backend="reference", lm_head=False)
+    holds(1)
+    del model
+    gc.collect()
+    holds(0)
 
 
 def test_disabled_adapter_runs_the_base_model():

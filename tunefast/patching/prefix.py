@@ -256,10 +256,11 @@ def apply(model, backend: str):
     base = model.base_model
     previous = base.config._attn_implementation
     family = _seq2seq_family(base)
-    base.set_attn_implementation(prefix_interface.register(backend))
+    hold = prefix_interface.Hold(backend)
+    base.set_attn_implementation(hold.name)
     _mark_prefix_layers(base, family)
     swap_in(model, prefix_forward if family is None else seq2seq_prefix_forward, backend)
-    model.__dict__[_STATE] = dict(attn_implementation=previous, positions=_position_source(base),
+    model.__dict__[_STATE] = dict(attn_implementation=previous, hold=hold, positions=_position_source(base),
                                   decoder_positions=_decoder_positions(base, family))
     return entries
 
@@ -269,6 +270,7 @@ def undo(model) -> None:
     state = model.__dict__.pop(_STATE, None)
     if state is not None:
         model.base_model.set_attn_implementation(state["attn_implementation"])
+        state["hold"].release()
         for m in model.base_model.modules():
             m.__dict__.pop(PREFIX_LAYER, None)
             m.__dict__.pop(BIAS_SOURCE, None)
@@ -281,8 +283,7 @@ def register_handlers() -> None:
         return
     from . import registry
 
-    if hasattr(registry, "register_model"):  # whole-model handlers (see the issue-3 registry change)
-        registry.register_model(PeftModel, apply, undo)
+    registry.register_model(PeftModel, apply, undo)
 
 
 # ----------------------------------------------------------------------------------------------------

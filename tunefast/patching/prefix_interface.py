@@ -31,6 +31,8 @@ function checks that the model really asked for that pattern (:func:`padding_mas
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 
 import torch
 
@@ -152,7 +154,8 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
 
 
 def register(backend: str) -> str:
-    """Register the attention and mask functions for ``backend`` (idempotent); return the name."""
+    """Register the attention and mask functions for ``backend`` (idempotent); return the name.
+    Prefer :class:`Hold`, which also removes them when the last model using them is unpatched."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -160,3 +163,52 @@ def register(backend: str) -> str:
     AttentionInterface.register(name, functools.partial(attention, backend=backend))
     AttentionMaskInterface.register(name, padding_mask)
     return name
+
+
+def _unregister(name: str) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    # GeneralInterface has register() but no unregister(): its class-wide mapping is a plain dict
+    for interface in (AttentionInterface, AttentionMaskInterface):
+        interface._global_mapping.pop(name, None)
+
+
+_holds: dict[str, int] = {}  # name -> live holds; the registration exists while this is > 0
+_holds_lock = threading.Lock()
+
+
+def _drop(name: str) -> None:
+    with _holds_lock:
+        _holds[name] -= 1
+        if _holds[name] == 0:
+            del _holds[name]
+            _unregister(name)
+
+
+class Hold:
+    """A patched model's use of the global registration of ``backend``'s functions (transformers looks
+    attention functions up by name in a process-wide table, so the registration cannot live on the
+    model). Kept in the model's patch state; :meth:`release` (unpatch) or the model being garbage
+    collected drops it, and the last drop removes the registration. A deep copy or an unpickled copy of
+    a patched model gets a hold of its own, so unpatching the original leaves the copy working."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = interface_name(backend)
+        with _holds_lock:  # counted before registering: a finalizer of a dead hold cannot unregister it
+            _holds[self.name] = _holds.get(self.name, 0) + 1
+        self._finalizer = weakref.finalize(self, _drop, self.name)
+        register(backend)
+
+    def release(self) -> None:
+        self._finalizer()  # runs _drop at most once (not again at garbage collection)
+
+    def __deepcopy__(self, memo) -> "Hold":
+        return Hold(self.backend)
+
+    def __reduce__(self):
+        return (Hold, (self.backend,))
+
+    def __repr__(self) -> str:
+        return f"Hold({self.name!r}, released={not self._finalizer.alive})"
