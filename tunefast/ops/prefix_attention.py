@@ -35,20 +35,12 @@ def _empty_out(q: Tensor) -> Tensor:
 
 @torch.library.custom_op("tunefast::prefix_attention_fwd", mutates_args=())
 def _prefix_attention_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
+    q: Tensor, k: Tensor, v: Tensor,  # (B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)
+    prefix_k: Tensor, prefix_v: Tensor,  # (Hkv, P, D) each, shared by the batch
     key_padding_mask: Optional[Tensor],
-    causal: bool,
-    scale: float,
-    window_left: int,
-    window_right: int,
-    window_counts_prefix: bool,
+    causal: bool, scale: float, window_left: int, window_right: int, window_counts_prefix: bool,  # the score mask
     bias: Optional[Tensor],
-    dropout_p: float,
-    seed: int,
+    dropout_p: float, seed: int,  # attention dropout: the counter-based mask's probability and seed
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     out = _empty_out(q)
@@ -77,22 +69,13 @@ def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, window_left,
 @torch.library.custom_op("tunefast::prefix_attention_bwd", mutates_args=())
 def _prefix_attention_bwd(
     grad_o: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    o: Tensor,
-    lse: Tensor,
+    q: Tensor, k: Tensor, v: Tensor,  # (B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)
+    prefix_k: Tensor, prefix_v: Tensor,  # (Hkv, P, D) each, shared by the batch
+    o: Tensor, lse: Tensor,  # the forward's output (B, Hq, T, D) and fp32 logsumexp (B, Hq, T)
     key_padding_mask: Optional[Tensor],
-    causal: bool,
-    scale: float,
-    window_left: int,
-    window_right: int,
-    window_counts_prefix: bool,
+    causal: bool, scale: float, window_left: int, window_right: int, window_counts_prefix: bool,  # the score mask
     bias: Optional[Tensor],
-    dropout_p: float,
-    seed: int,
+    dropout_p: float, seed: int,  # attention dropout: the counter-based mask's probability and seed
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are summed over the batch."""
