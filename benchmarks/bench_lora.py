@@ -108,6 +108,11 @@ class _OneLinear(nn.Module):
         return self.proj(x)
 
 
+def adapter_grads(layer, name="default"):
+    """dA and dB of one PEFT LoRA layer's adapter ``name``."""
+    return {"dA": layer.lora_A[name].weight.grad, "dB": layer.lora_B[name].weight.grad}
+
+
 def layer_flops(K, N, M, r=RANK) -> float:
     """Matmul FLOPs of forward + backward with a frozen base: x W^T (2MNK) and dx = dy W (2MNK); the
     adapter's xa, xa B^T, dB, dxa, dA and its share of dx (each 2 M r K or 2 M r N)."""
@@ -125,24 +130,7 @@ def layer_case(K, N, M, p, dtype, device) -> harness.Case:
 
     def step_for(model, x, gy, info):
         layer = model.base_model.model.proj  # the peft.tuners.lora.Linear (patched or not)
-
-        def run():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            layer(x).backward(gy)
-
-        def check():
-            layer.eval()
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            y = layer(x)
-            y.backward(gy)
-            out = {"y": y, "dx": x.grad, "dA": layer.lora_A["default"].weight.grad,
-                   "dB": layer.lora_B["default"].weight.grad}
-            layer.train()
-            return out
-
-        return harness.Step.for_module(model, run, check, info)
+        return harness.backward_step(model, layer, x, gy, lambda: adapter_grads(layer), info, eval_module=layer)
 
     def peft_setup(inp):
         template, x, gy = inp

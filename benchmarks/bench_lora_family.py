@@ -12,13 +12,11 @@ Cases:
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import tunefast
 from benchmarks import harness
 
 RANK, ALPHA, N_ADAPTERS = 16, 32, 8
@@ -69,16 +67,7 @@ def _layer_model(K, N, dtype, device, adapters=1, **cfg):
     return model
 
 
-def _variants(make_step):
-    def peft_setup(inp):
-        return make_step(copy.deepcopy(inp[0]), inp, {})
-
-    def tunefast_setup(inp):
-        model = copy.deepcopy(inp[0])
-        report = tunefast.patch(model)
-        return make_step(model, inp, {"kernels": ", ".join(f"{k} x{n}" for k, n in report.kernels().items())})
-
-    return {"peft": peft_setup, "tunefast": tunefast_setup}
+_variants = harness.peft_and_tunefast
 
 
 def dora_case(K, N, M, dtype, device, **_) -> harness.Case:

@@ -63,33 +63,12 @@ def _peft_vs_tunefast(make_model, make_x, grads):
         _, x, gy = inp
         layer = model.base_model.model.proj
 
-        def run():
-            if x.is_floating_point():
-                x.grad = None
-            layer.zero_grad(set_to_none=True)
-            layer(x).backward(gy)
+        def named_grads():
+            return {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None and any(k in n for k in grads)}
 
-        def check():
-            layer.eval()
-            run()
-            layer.train()
-            out = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None and
-                   any(k in n for k in grads)}
-            if x.is_floating_point():
-                out["dx"] = x.grad.clone()
-            return out
+        return harness.backward_step(model, layer, x, gy, named_grads, info, eval_module=layer)
 
-        return harness.Step.for_module(model, run, check, info)
-
-    def peft_setup(inp):
-        return make_step(copy.deepcopy(inp[0]), inp, {})
-
-    def tunefast_setup(inp):
-        model = copy.deepcopy(inp[0])
-        report = tunefast.patch(model)
-        return make_step(model, inp, {"kernels": ", ".join(f"{k} x{n}" for k, n in report.kernels().items())})
-
-    return inputs, {"peft": peft_setup, "tunefast": tunefast_setup}
+    return inputs, harness.peft_and_tunefast(make_step)
 
 
 def _linear_case(name, cfg_fn, random, grads, K, N, M, dtype, device, adapter_dtype=None, **_):
@@ -168,18 +147,10 @@ def adapter_case(N, M, dtype, device, **_):
         return module, h, torch.randn(4, M // 4, N, device=device, dtype=dtype)
 
     def make_step(module, h, gy, forward, info):
-        def run():
-            h.grad = None
-            module.zero_grad(set_to_none=True)
-            forward(h).backward(gy)
+        def weight_grads():
+            return {"d_down": module.down.weight.grad.clone(), "d_up": module.up.weight.grad.clone()}
 
-        def check():
-            module.eval()
-            run()
-            module.train()
-            return {"dh": h.grad.clone(), "d_down": module.down.weight.grad.clone(), "d_up": module.up.weight.grad.clone()}
-
-        return harness.Step.for_module(module, run, check, info)
+        return harness.backward_step(module, forward, h, gy, weight_grads, info)
 
     def plain_setup(inp):
         module, h, gy = copy.deepcopy(inp)

@@ -85,25 +85,9 @@ def _quant_state_tensors(base) -> list[torch.Tensor]:
 
 def _step_for(model, x, gy, info):
     layer = model.base_model.model.proj  # the PEFT bnb LoRA layer (patched or not)
-
-    def run():
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        layer(x).backward(gy)
-
-    def check():
-        layer.lora_dropout.eval()
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        y = layer(x)
-        y.backward(gy)
-        out = {"y": y, "dx": x.grad, "dA": layer.lora_A["default"].weight.grad,
-               "dB": layer.lora_B["default"].weight.grad}
-        layer.lora_dropout.train()
-        return out
-
     layer(x)  # bitsandbytes moves CB / SCB into its state on the first forward
-    return harness.Step.for_module(model, run, check, info, extra_state=_quant_state_tensors(layer.get_base_layer()))
+    return harness.backward_step(model, layer, x, gy, lambda: bench_lora.adapter_grads(layer), info,
+                                 eval_module=layer.lora_dropout, extra_state=_quant_state_tensors(layer.get_base_layer()))
 
 
 def layer_case(fmt, K, N, M, p, dtype, device) -> harness.Case:

@@ -108,6 +108,54 @@ class Step:
         return cls(run=run, state=state, check=check, info=dict(info or {}))
 
 
+def backward_step(module: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  gy: torch.Tensor, grads: Callable[[], Mapping[str, torch.Tensor]], info=None,
+                  eval_module: torch.nn.Module | None = None, extra_state=()) -> Step:
+    """The Step of most layer cases: ``forward(x).backward(gy)`` with gradients reset inside ``run``.
+    ``check`` runs the same once with ``eval_module`` (default ``module``) in eval mode (no dropout) and
+    returns the output ``y``, ``dx`` when ``x`` is floating point (token ids are not) and ``grads()``."""
+    eval_module = module if eval_module is None else eval_module
+
+    def run():
+        if x.is_floating_point():
+            x.grad = None
+        module.zero_grad(set_to_none=True)
+        forward(x).backward(gy)
+
+    def check():
+        eval_module.eval()
+        if x.is_floating_point():
+            x.grad = None
+        module.zero_grad(set_to_none=True)
+        y = forward(x)
+        y.backward(gy)
+        eval_module.train()
+        out = {"y": y.detach(), **grads()}
+        if x.is_floating_point():
+            out["dx"] = x.grad.clone()
+        return out
+
+    return Step.for_module(module, run, check, info, extra_state)
+
+
+def peft_and_tunefast(make_step: Callable[[torch.nn.Module, Any, dict], Step]) -> dict[str, Callable[[Any], Step]]:
+    """The two variants of a PEFT-model case: PEFT's model as built, and a copy patched by ``tunefast.patch``
+    (its kernels recorded in the row). ``make_step(model, inputs, info)``; ``inputs[0]`` is the model."""
+    import copy
+
+    import tunefast
+
+    def peft_setup(inp):
+        return make_step(copy.deepcopy(inp[0]), inp, {})
+
+    def tunefast_setup(inp):
+        model = copy.deepcopy(inp[0])
+        report = tunefast.patch(model)
+        return make_step(model, inp, {"kernels": ", ".join(f"{k} x{n}" for k, n in report.kernels().items())})
+
+    return {"peft": peft_setup, "tunefast": tunefast_setup}
+
+
 @dataclass
 class Case:
     """Variants to compare on shared inputs.
