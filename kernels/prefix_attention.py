@@ -68,11 +68,14 @@ def _band(rows, cols, q_shift, WL, WR):
 
 
 @triton.jit
-def _key_range(row_lo, row_hi, q_shift, n_keys, WL, WR, BLOCK_N: tl.constexpr):
-    """[lo, hi) of the key blocks that queries row_lo .. row_hi (inclusive) can see; lo block-aligned."""
-    lo = tl.maximum(row_lo + q_shift - WL, 0)
-    hi = tl.minimum(tl.maximum(row_hi + q_shift + WR + 1, 0), n_keys)
-    return (lo // BLOCK_N) * BLOCK_N, hi
+def _key_range(row_lo, row_hi, q_shift, n_keys, WL, WR, BANDED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the key blocks that queries row_lo .. row_hi (inclusive) can see: all n_keys unless BANDED
+    (by the window); lo block-aligned."""
+    lo, hi = 0, n_keys
+    if BANDED:
+        lo = (tl.maximum(row_lo + q_shift - WL, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(row_hi + q_shift + WR + 1, 0), n_keys)
+    return lo, hi
 
 
 @triton.jit
@@ -108,6 +111,57 @@ def _drop_tile(seed, rows, cols, n_cols, threshold, drop_scale, DROPOUT: tl.cons
 
 
 @triton.jit
+def _key_block(n, n_keys, offs_m, m_mask, q_shift, WL, WR, keep_ptr, stride_ks,
+               bias_ptr, h, stride_bh, stride_bt, stride_bn, seed, drop_rows, col0, n_cols, drop_threshold, drop_scale,
+               BANDED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
+    """What query rows offs_m (BLOCK_M,) see of keys n (BLOCK_N,) of one key part (prefix or sequence):
+    (n's bounds mask, visible (BLOCK_M, BLOCK_N) bool, score bias in log2 units, dropout factor).
+    Visible: in bounds, not padding (HAS_MASK: keep_ptr[n * stride_ks] != 0), in the window (BANDED; query
+    position = row + q_shift). col0: the part's first column in [prefix | sequence] (dropout offsets).
+    Query rows past T need no mask: their lse is +inf and their dO and delta 0, so they add nothing."""
+    n_mask = n < n_keys
+    valid = n_mask[None, :]
+    if HAS_MASK:
+        keep = tl.load(keep_ptr + n.to(tl.int64) * stride_ks, mask=n_mask, other=0)
+        valid = valid & (keep != 0)[None, :]
+    if BANDED:
+        valid = valid & _band(offs_m, n, q_shift, WL, WR)
+    bias = _bias_tile(bias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
+    drop = _drop_tile(seed, drop_rows, col0 + n, n_cols, drop_threshold, drop_scale, DROPOUT)
+    return n_mask, valid, bias, drop
+
+
+@triton.jit
+def _attend_keys(acc, m_i, l_i, q, do, lse, delta, offs_m, m_mask, offs_d, d_mask, row_lo, row_hi, qk_scale,
+                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, n_keys, q_shift, WL, WR, keep_ptr,
+                 stride_ks, bias_ptr, h, stride_bh, stride_bt, stride_bn, seed, drop_rows, col0, n_cols,
+                 drop_threshold, drop_scale, DQ: tl.constexpr, BANDED: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query rows offs_m against the visible key blocks of one key part (prefix or sequence; see _key_block):
+    k_base / v_base point at this (batch, kv head)'s (n_keys, D) keys / values. The forward (DQ False) runs
+    the online softmax on acc (BLOCK_M, BLOCK_D) fp32, m_i and l_i (BLOCK_M,); the dQ pass (DQ True) adds
+    dS K to acc = dq from do, lse (log2 units) and delta, and leaves m_i / l_i as given."""
+    lo, hi = _key_range(row_lo, row_hi, q_shift, n_keys, WL, WR, BANDED, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        n = start_n + tl.arange(0, BLOCK_N)
+        n_mask, valid, bias, drop = _key_block(n, n_keys, offs_m, m_mask, q_shift, WL, WR, keep_ptr, stride_ks,
+                                               bias_ptr, h, stride_bh, stride_bt, stride_bn, seed, drop_rows, col0,
+                                               n_cols, drop_threshold, drop_scale, BANDED, HAS_MASK, HAS_BIAS, DROPOUT)
+        rows_n = n.to(tl.int64)
+        v_ptrs = v_base + rows_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+        if DQ:
+            k_ptrs = k_base + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
+            acc = _dq_step(acc, q, do, lse, delta, k_ptrs, v_ptrs, n_mask[:, None] & d_mask[None, :], valid, bias,
+                           drop, qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        else:
+            k_ptrs = k_base + rows_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (BLOCK_D, BLOCK_N)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias,
+                                          drop, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias, drop,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One online-softmax step over a key block. Scores are in log2 units (scale * log2(e) folded in)."""
@@ -125,6 +179,17 @@ def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_sc
     # dropout acts on the normalised probabilities: l_i sums the undropped p, acc the dropped ones
     acc = _dot((p * drop).to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _query_program(T, HEAD_DIM, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program over (query block, query head, batch): (b, h, kv head h // GROUP (int64), query rows
+    (BLOCK_M,) and their bounds mask, head-dim offsets (BLOCK_D,) and their bounds mask)."""
+    h = tl.program_id(1)
+    hkv = (h // GROUP).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.program_id(2).to(tl.int64), h.to(tl.int64), hkv, offs_m, offs_m < T, offs_d, offs_d < HEAD_DIM
 
 
 @triton.jit(do_not_specialize=["seed", "drop_threshold"])
@@ -150,16 +215,7 @@ def _fwd_kernel(
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    hkv = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    m_mask = offs_m < T
-    d_mask = offs_d < HEAD_DIM
+    b, h, hkv, offs_m, m_mask, offs_d, d_mask = _query_program(T, HEAD_DIM, GROUP, BLOCK_M, BLOCK_D)
     q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
@@ -167,45 +223,22 @@ def _fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    row_lo = pid_m * BLOCK_M
+    row_lo = tl.program_id(0) * BLOCK_M
     row_hi = tl.minimum(row_lo + BLOCK_M, T) - 1
     drop_rows = (b * tl.num_programs(1) + h) * T + offs_m
-    # prefix keys: seen by every query, no mask but the bounds (and the window under PREFIX_LOCAL)
-    p_lo, p_hi = 0, P
-    if PREFIX_LOCAL:
-        p_lo, p_hi = _key_range(row_lo, row_hi, S - T + P, P, WL, WR, BLOCK_N)
-    for start_n in range(p_lo, p_hi, BLOCK_N):
-        n = start_n + offs_n
-        n_mask = n < P
-        valid = n_mask[None, :]
-        if PREFIX_LOCAL:
-            valid = valid & _band(offs_m, n, S - T + P, WL, WR)
-        k_ptrs = pk_ptr + hkv * stride_pkh + n[None, :].to(tl.int64) * stride_pkp + offs_d[:, None] * stride_pkd
-        v_ptrs = pv_ptr + hkv * stride_pvh + n[:, None].to(tl.int64) * stride_pvp + offs_d[None, :] * stride_pvd
-        bias = _bias_tile(pbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
-        drop = _drop_tile(seed, drop_rows, n, P + S, drop_threshold, drop_scale, DROPOUT)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias, drop,
-                                      UPCAST, PRECISION, BLOCK_M, BLOCK_N)
-
-    # sequence keys: blocks outside the window (past the diagonal when causal) are never visited
-    lo, hi = 0, S
-    if LOCAL:
-        lo, hi = _key_range(row_lo, row_hi, S - T, S, WL, WR, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        n = start_n + offs_n
-        n_mask = n < S
-        valid = n_mask[None, :]
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * stride_mb + n.to(tl.int64) * stride_ms, mask=n_mask, other=0)
-            valid = valid & (keep != 0)[None, :]
-        if LOCAL:
-            valid = valid & _band(offs_m, n, S - T, WL, WR)
-        k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + n[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd
-        v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + n[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
-        bias = _bias_tile(sbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
-        drop = _drop_tile(seed, drop_rows, P + n, P + S, drop_threshold, drop_scale, DROPOUT)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_mask, d_mask, valid, qk_scale, bias, drop,
-                                      UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+    # prefix keys (positions -P .. -1): no padding mask, windowed only under PREFIX_LOCAL; then sequence keys,
+    # whose blocks outside the window (past the diagonal when causal) are never visited
+    acc, m_i, l_i = _attend_keys(
+        acc, m_i, l_i, q, q, m_i, l_i, offs_m, m_mask, offs_d, d_mask, row_lo, row_hi, qk_scale, pk_ptr + hkv * stride_pkh,
+        pv_ptr + hkv * stride_pvh, stride_pkp, stride_pkd, stride_pvp, stride_pvd, P, S - T + P, WL, WR, mask_ptr, 0,
+        pbias_ptr, h, stride_bh, stride_bt, stride_bn, seed, drop_rows, 0, P + S, drop_threshold, drop_scale,
+        False, PREFIX_LOCAL, False, HAS_BIAS, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _attend_keys(
+        acc, m_i, l_i, q, q, m_i, l_i, offs_m, m_mask, offs_d, d_mask, row_lo, row_hi, qk_scale,
+        k_ptr + b * stride_kb + hkv * stride_kh, v_ptr + b * stride_vb + hkv * stride_vh, stride_ks, stride_kd, stride_vs,
+        stride_vd, S, S - T, WL, WR, mask_ptr + b * stride_mb, stride_ms, sbias_ptr, h, stride_bh, stride_bt, stride_bn,
+        seed, drop_rows, P, P + S, drop_threshold, drop_scale, False, LOCAL, HAS_MASK, HAS_BIAS, DROPOUT, UPCAST,
+        PRECISION, BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: o = 0, lse = +inf (then P = exp(s - lse) = 0 in the backward)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -364,16 +397,7 @@ def _dq_kernel(
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    hkv = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    m_mask = offs_m < T
-    d_mask = offs_d < HEAD_DIM
+    b, h, hkv, offs_m, m_mask, offs_d, d_mask = _query_program(T, HEAD_DIM, GROUP, BLOCK_M, BLOCK_D)
     rows_m = offs_m[:, None].to(tl.int64)
     qd_mask = m_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows_m * stride_qt + offs_d[None, :] * stride_qd,
@@ -384,47 +408,22 @@ def _dq_kernel(
     lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    row_lo = pid_m * BLOCK_M
+    row_lo = tl.program_id(0) * BLOCK_M
     row_hi = tl.minimum(row_lo + BLOCK_M, T) - 1
 
-    p_lo, p_hi = 0, P
-    if PREFIX_LOCAL:
-        p_lo, p_hi = _key_range(row_lo, row_hi, S - T + P, P, WL, WR, BLOCK_N)
-    for start_n in range(p_lo, p_hi, BLOCK_N):
-        n = start_n + offs_n
-        n_mask = n < P
-        valid = m_mask[:, None] & n_mask[None, :]
-        if PREFIX_LOCAL:
-            valid = valid & _band(offs_m, n, S - T + P, WL, WR)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        rows_n = n[:, None].to(tl.int64)
-        k_ptrs = pk_ptr + hkv * stride_pkh + rows_n * stride_pkp + offs_d[None, :] * stride_pkd
-        v_ptrs = pv_ptr + hkv * stride_pvh + rows_n * stride_pvp + offs_d[None, :] * stride_pvd
-        bias = _bias_tile(pbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
-        drop = _drop_tile(seed, row_base + offs_m, n, P + S, drop_threshold, drop_scale, DROPOUT)
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, drop, qk_scale, UPCAST, PRECISION,
-                      BLOCK_M, BLOCK_N)
-
-    lo, hi = 0, S
-    if LOCAL:
-        lo, hi = _key_range(row_lo, row_hi, S - T, S, WL, WR, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        n = start_n + offs_n
-        n_mask = n < S
-        valid = m_mask[:, None] & n_mask[None, :]
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * stride_mb + n.to(tl.int64) * stride_ms, mask=n_mask, other=0)
-            valid = valid & (keep != 0)[None, :]
-        if LOCAL:
-            valid = valid & _band(offs_m, n, S - T, WL, WR)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        rows_n = n[:, None].to(tl.int64)
-        k_ptrs = k_ptr + b * stride_kb + hkv * stride_kh + rows_n * stride_ks + offs_d[None, :] * stride_kd
-        v_ptrs = v_ptr + b * stride_vb + hkv * stride_vh + rows_n * stride_vs + offs_d[None, :] * stride_vd
-        bias = _bias_tile(sbias_ptr, h, offs_m, n, m_mask, n_mask, stride_bh, stride_bt, stride_bn, HAS_BIAS)
-        drop = _drop_tile(seed, row_base + offs_m, P + n, P + S, drop_threshold, drop_scale, DROPOUT)
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, kv_mask, valid, bias, drop, qk_scale, UPCAST, PRECISION,
-                      BLOCK_M, BLOCK_N)
+    # prefix keys, then sequence keys (as _fwd_kernel)
+    drop_rows = row_base + offs_m
+    dq, lse, delta = _attend_keys(
+        dq, lse, delta, q, do, lse, delta, offs_m, m_mask, offs_d, d_mask, row_lo, row_hi, qk_scale,
+        pk_ptr + hkv * stride_pkh, pv_ptr + hkv * stride_pvh, stride_pkp, stride_pkd, stride_pvp, stride_pvd, P,
+        S - T + P, WL, WR, mask_ptr, 0, pbias_ptr, h, stride_bh, stride_bt, stride_bn, seed, drop_rows, 0, P + S,
+        drop_threshold, drop_scale, True, PREFIX_LOCAL, False, HAS_BIAS, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+    dq, lse, delta = _attend_keys(
+        dq, lse, delta, q, do, lse, delta, offs_m, m_mask, offs_d, d_mask, row_lo, row_hi, qk_scale,
+        k_ptr + b * stride_kb + hkv * stride_kh, v_ptr + b * stride_vb + hkv * stride_vh, stride_ks, stride_kd,
+        stride_vs, stride_vd, S, S - T, WL, WR, mask_ptr + b * stride_mb, stride_ms, sbias_ptr, h, stride_bh,
+        stride_bt, stride_bn, seed, drop_rows, P, P + S, drop_threshold, drop_scale, True, LOCAL, HAS_MASK, HAS_BIAS,
+        DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows_m * stride_dqt + offs_d[None, :] * stride_dqd,
