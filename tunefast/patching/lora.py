@@ -48,6 +48,23 @@ def _dropout_p(module: nn.Module) -> float | None:
     return None
 
 
+def dropout_skip(adapters, dropouts, what: str = "lora_dropout") -> Skip | None:
+    """A Skip naming the adapters whose dropout module (``dropouts[name]``, called ``what``) is not an
+    nn.Dropout / nn.Identity, else None."""
+    bad = [a for a in adapters if _dropout_p(dropouts[a]) is None]
+    return Skip(f"custom {what} module for adapter(s) {bad}") if bad else None
+
+
+def active_or_skip(module, kernel: str, adapters) -> list | Skip:
+    """The active adapters among ``adapters``, or a Skip that resumes when merged adapters are unmerged or
+    disabled ones enabled (``kernel`` named as what resumes)."""
+    if module.merged:
+        return Skip(f"adapters merged into the base weight; {kernel} resumes after unmerge", resumes=True)
+    if module.disable_adapters:
+        return Skip(f"adapters disabled; {kernel} resumes when enabled", resumes=True)
+    return [a for a in module.active_adapters if a in adapters]
+
+
 def wrapper_chain(module: nn.Module) -> list[str]:
     """Type names of the wrappers between a PEFT layer and the layer holding the weight (e.g.
     ["SparseLinear"] when tunefast sparse deltas wrap the base): PEFT's ``get_base_layer()`` skips them,
@@ -129,18 +146,16 @@ def _plan_static(module, backend: str, with_detail: bool = True):
         return Skip(f"base weight dtype {weight.dtype} (fused kernels take float32, float16, bfloat16)")
     if weight.requires_grad:
         return Skip("base weight is trainable; the fused op never forms base-weight gradients")
-    bad_dropout = [a for a in module.lora_A if _dropout_p(module.lora_dropout[a]) is None]
-    if bad_dropout:
-        return Skip(f"custom lora_dropout module for adapter(s) {bad_dropout}")
+    skip = dropout_skip(module.lora_A, module.lora_dropout)
+    if skip is not None:
+        return skip
     impl = _backend.resolve(backend, weight.device)
     kernel = f"dora_linear[{impl}]" if variants else f"lora_linear[{impl}]"
-    if module.merged:
-        return Skip(f"adapters merged into the base weight; {kernel} resumes after unmerge", resumes=True)
-    if module.disable_adapters:
-        return Skip(f"adapters disabled; {kernel} resumes when enabled", resumes=True)
+    active = active_or_skip(module, kernel, module.lora_A)
+    if isinstance(active, Skip):
+        return active
     if not with_detail:
         return Patch(kernel)
-    active = [a for a in module.active_adapters if a in module.lora_A]
     detail = ", ".join(f"{a}: r={module.r[a]}" for a in active)
     if variants and any(_dropout_p(module.lora_dropout[a]) for a in active if module.lora_dropout[a].training):
         detail += "; PEFT's forward runs while training with lora_dropout > 0 (DoRA then needs a second base product)"

@@ -30,7 +30,7 @@ from ..ops._checks import SUPPORTED_DTYPES
 from ..ops.lora import lora_linear
 from ..ops.lora_embedding import lora_embedding
 from ..ops.scaled_linear import scaled_linear
-from .lora import _base, _cast, _dropout_p, _hooked, _transposed_storage
+from .lora import _base, _cast, _dropout_p, _hooked, _transposed_storage, active_or_skip, dropout_skip
 from .registry import Patch, Skip, register
 
 ADALORA_EPS = 1e-5  # PEFT's SVDLinear divides by (ranknum + 1e-5)
@@ -51,14 +51,6 @@ def _base_skip(module) -> Skip | None:
         return Skip(f"base weight dtype {weight.dtype} (fused kernels take float32, float16, bfloat16)")
     if weight.requires_grad:
         return Skip("base weight is trainable; the fused op never forms base-weight gradients")
-    return None
-
-
-def _state_skip(module, kernel: str) -> Skip | None:
-    if module.merged:
-        return Skip(f"adapters merged into the base weight; {kernel} resumes after unmerge", resumes=True)
-    if module.disable_adapters:
-        return Skip(f"adapters disabled; {kernel} resumes when enabled", resumes=True)
     return None
 
 
@@ -94,39 +86,54 @@ def _run(self, x, a_w, b_w, scalings, ps, *, extra_bias=None):
         return lora_linear(x, weight, bias, rest[:n], rest[n:], scalings, ps, backend=self._tunefast_backend)
 
 
+def _decide_folded(module, backend, method: str, adapters, dropouts, dropout_name: str, folded: str,
+                   refuse: Skip | None = None):
+    """The decision for a layer run as lora_linear with its extra vectors folded into A / B (AdaLoRA,
+    VeRA): ``refuse`` (a method-specific Skip) comes right after the base layer's checks."""
+    skip = _base_skip(module)
+    if skip is None:
+        skip = refuse
+    if skip is None:
+        skip = dropout_skip(adapters, dropouts, dropout_name)
+    if skip is not None:
+        return skip
+    kernel = _kernel("lora_linear", module, backend)
+    active = active_or_skip(module, kernel, adapters)
+    if isinstance(active, Skip):
+        return active
+    detail = ", ".join(f"{a}: r={module.r[a]}" for a in active)
+    return Patch(kernel, f"{method} ({detail}); {folded}")
+
+
+def _fused_folded(self, x, adapters, dropouts, fold):
+    """lora_linear on the active adapters among ``adapters``, ``fold(self, name, x)`` giving each one's
+    (A' (r, K), B' (N, r)) with scaling 1; None when none is active or PEFT's forward must run."""
+    active = [a for a in self.active_adapters if a in adapters]
+    if not active:
+        return None
+    folded = [fold(self, a, x) for a in active]
+    ps = [_dropout_p(dropouts[a]) for a in active]
+    return _run(self, x, [a for a, _ in folded], [b for _, b in folded], [1.0] * len(active), ps)
+
+
 # ---------------------------------------------------------------------------------------------------
 # AdaLoRA SVDLinear
 # ---------------------------------------------------------------------------------------------------
 
 
 def decide_adalora(module, backend):
-    skip = _base_skip(module)
-    if skip is not None:
-        return skip
-    bad = [a for a in module.lora_A if _dropout_p(module.lora_dropout[a]) is None]
-    if bad:
-        return Skip(f"custom lora_dropout module for adapter(s) {bad}")
-    kernel = _kernel("lora_linear", module, backend)
-    skip = _state_skip(module, kernel)
-    if skip is not None:
-        return skip
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    detail = ", ".join(f"{a}: r={module.r[a]}" for a in active)
-    return Patch(kernel, f"AdaLoRA ({detail}); E and s/ranknum folded into A")
+    return _decide_folded(module, backend, "AdaLoRA", module.lora_A, module.lora_dropout, "lora_dropout",
+                          "E and s/ranknum folded into A")
+
+
+def _adalora_fold(self, name, x):
+    # one (r, 1) vector: E * scaling / (ranknum + 1e-5), then one (r, K) product with A
+    per_rank = self.lora_E[name] * (self.scaling[name] / (self.ranknum[name] + ADALORA_EPS))
+    return self.lora_A[name] * per_rank, self.lora_B[name]
 
 
 def _adalora_fused(self, x):
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if not active:
-        return None
-    a_w, b_w = [], []
-    for a in active:
-        # one (r, 1) vector: E * scaling / (ranknum + 1e-5), then one (r, K) product with A
-        per_rank = self.lora_E[a] * (self.scaling[a] / (self.ranknum[a] + ADALORA_EPS))
-        a_w.append(self.lora_A[a] * per_rank)
-        b_w.append(self.lora_B[a])
-    ps = [_dropout_p(self.lora_dropout[a]) for a in active]
-    return _run(self, x, a_w, b_w, [1.0] * len(active), ps)
+    return _fused_folded(self, x, self.lora_A, self.lora_dropout, _adalora_fold)
 
 
 def forward_adalora(self, x, *args, **kwargs):
@@ -140,36 +147,21 @@ def forward_adalora(self, x, *args, **kwargs):
 
 
 def decide_vera(module, backend):
-    skip = _base_skip(module)
-    if skip is not None:
-        return skip
-    if getattr(module, "quantization_backend", None) is not None:
-        return Skip("VeRA on a quantised base is not accelerated yet")
-    bad = [a for a in module.vera_lambda_d if _dropout_p(module.vera_dropout[a]) is None]
-    if bad:
-        return Skip(f"custom vera_dropout module for adapter(s) {bad}")
-    kernel = _kernel("lora_linear", module, backend)
-    skip = _state_skip(module, kernel)
-    if skip is not None:
-        return skip
-    active = [a for a in module.active_adapters if a in module.vera_lambda_d]
-    detail = ", ".join(f"{a}: r={module.r[a]}" for a in active)
-    return Patch(kernel, f"VeRA ({detail}); d folded into shared A, b into shared B")
+    quantised = getattr(module, "quantization_backend", None) is not None
+    return _decide_folded(module, backend, "VeRA", module.vera_lambda_d, module.vera_dropout, "vera_dropout",
+                          "d folded into shared A, b into shared B",
+                          refuse=Skip("VeRA on a quantised base is not accelerated yet") if quantised else None)
+
+
+def _vera_fold(self, name, x):
+    d, b = self.vera_lambda_d[name], self.vera_lambda_b[name]
+    shared_a = self.vera_A[name][:, : self.in_features].to(x.device)  # (r, K) slice of the shared A
+    shared_b = self.vera_B[name][: self.out_features, :].to(x.device)  # (N, r) slice of the shared B
+    return d.unsqueeze(-1) * shared_a, b.unsqueeze(-1) * shared_b
 
 
 def _vera_fused(self, x):
-    active = [a for a in self.active_adapters if a in self.vera_lambda_d]
-    if not active:
-        return None
-    a_w, b_w = [], []
-    for a in active:
-        d, b = self.vera_lambda_d[a], self.vera_lambda_b[a]
-        shared_a = self.vera_A[a][:, : self.in_features].to(x.device)  # (r, K) slice of the shared A
-        shared_b = self.vera_B[a][: self.out_features, :].to(x.device)  # (N, r) slice of the shared B
-        a_w.append(d.unsqueeze(-1) * shared_a)
-        b_w.append(b.unsqueeze(-1) * shared_b)
-    ps = [_dropout_p(self.vera_dropout[a]) for a in active]
-    return _run(self, x, a_w, b_w, [1.0] * len(active), ps)
+    return _fused_folded(self, x, self.vera_lambda_d, self.vera_dropout, _vera_fold)
 
 
 def forward_vera(self, x, *args, **kwargs):
@@ -200,10 +192,9 @@ def decide_ia3(module, backend):
             return Skip(f"(IA)3 vector dtype {', '.join(other)} differs from the base weight's {wdt}: PEFT's "
                         "promotions run as PEFT writes them")
         kernel = _kernel("lora_linear", module, backend)
-    skip = _state_skip(module, kernel)
-    if skip is not None:
-        return skip
-    active = [a for a in module.active_adapters if a in module.ia3_l]
+    active = active_or_skip(module, kernel, module.ia3_l)
+    if isinstance(active, Skip):
+        return active
     what = "input scale (feed-forward), x kept once" if module.is_feedforward else "output scale as the column scale"
     return Patch(kernel, f"(IA)3 {what} ({', '.join(active)})")
 
@@ -271,10 +262,9 @@ def decide_embedding(module, backend):
     if module._get_embed_scale() is not None:
         return Skip("scaled word embedding (embed_scale): not accelerated yet, PEFT's forward runs")
     kernel = _kernel("lora_embedding", module, backend)
-    skip = _state_skip(module, kernel)
-    if skip is not None:
-        return skip
-    active = [a for a in module.active_adapters if a in module.lora_embedding_A]
+    active = active_or_skip(module, kernel, module.lora_embedding_A)
+    if isinstance(active, Skip):
+        return active
     return Patch(kernel, ", ".join(f"{a}: r={module.r[a]}" for a in active) +
                  "; gather of A^T rows + one up-projection, ids kept for backward")
 

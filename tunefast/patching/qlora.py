@@ -30,7 +30,7 @@ from torch import nn
 from .. import backend as _backend
 from ..ops._checks import SUPPORTED_DTYPES
 from ..ops.qlora import QuantWeight, qlora_linear
-from .lora import _dropout_p, plan_in_two_stages
+from .lora import _dropout_p, active_or_skip, dropout_skip, plan_in_two_stages
 from .registry import Patch, Skip, register
 
 
@@ -126,20 +126,18 @@ def _plan_static(module, backend: str, with_detail: bool = True):
     qw = _quant_weight(base)
     if isinstance(qw, Skip):
         return qw
-    bad_dropout = [a for a in module.lora_A if _dropout_p(module.lora_dropout[a]) is None]
-    if bad_dropout:
-        return Skip(f"custom lora_dropout module for adapter(s) {bad_dropout}")
+    skip = dropout_skip(module.lora_A, module.lora_dropout)
+    if skip is not None:
+        return skip
     device = qw.device
     kernel = f"qlora_linear[{_backend.resolve(backend, device)}]"
     if qw.quant_type == "int8" and device.type not in ("cpu", "xpu"):
         return Skip(_int8_reason(base, device))
-    if module.merged:
-        return Skip(f"adapters merged into the base weight; {kernel} resumes after unmerge", resumes=True)
-    if module.disable_adapters:
-        return Skip(f"adapters disabled; {kernel} resumes when enabled", resumes=True)
+    active = active_or_skip(module, kernel, module.lora_A)
+    if isinstance(active, Skip):
+        return active
     if not with_detail:
         return Patch(kernel)
-    active = [a for a in module.active_adapters if a in module.lora_A]
     detail = qw.describe()
     if qw.quant_type != "int8" and base.compute_dtype is not None:
         detail += f", compute {str(base.compute_dtype).removeprefix('torch.')}"
