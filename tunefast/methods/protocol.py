@@ -96,6 +96,41 @@ def resolve_backend(config_backend: str, backend: str | None, *, what: str = "co
     return backend
 
 
+def check_apply_args(model, config, config_cls: type) -> None:
+    """The TypeErrors of an ``apply(model, config)``: ``model`` must be an nn.Module, ``config`` a
+    ``config_cls``."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, config_cls):
+        article = "an" if config_cls.__name__[:1] in "AEIOU" else "a"
+        raise TypeError(f"config must be {article} {config_cls.__name__}, got {type(config).__name__}")
+
+
+# Field checks of the methods' Config.__post_init__ (one message per kind of mistake across methods).
+
+
+def check_count(name: str, value) -> None:
+    """``value`` must be an int >= 1 (a bool is not): ValueError naming the field ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def as_floats(config, *names: str) -> None:
+    """Each field ``names`` of ``config`` must be a number (a bool is not: TypeError); stored as float."""
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number, got {v!r}")
+        setattr(config, name, float(v))
+
+
 class ConfigMixin:
     """``to_dict`` / ``from_dict`` / ``help`` for a method's Config dataclass (what save / load write and
     read). A field holding something JSON cannot (a tuple, a dtype) is converted by the subclass's own

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...backend import BACKENDS
-from ..protocol import ConfigMixin
+from ..protocol import ConfigMixin, as_floats, check_choice, check_count
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 PLACEMENTS = ("sequential", "parallel")
@@ -40,27 +40,19 @@ class AdapterConfig(ConfigMixin):
                 "'auto' only."})
 
     def __post_init__(self):
-        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
-            raise ValueError(f"bottleneck must be an int >= 1, got {self.bottleneck!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        check_count("bottleneck", self.bottleneck)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("placement", self.placement, PLACEMENTS)
         subs = (self.sublayers,) if isinstance(self.sublayers, str) else tuple(self.sublayers)
         if not subs or any(s not in SUBLAYERS for s in subs) or len(set(subs)) != len(subs):
             raise ValueError(f"sublayers must be distinct entries of {SUBLAYERS}, got {self.sublayers!r}")
         self.sublayers = subs
-        for name in ("scaling", "dropout", "init_std"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name} must be a number, got {v!r}")
-            setattr(self, name, float(v))
+        as_floats(self, "scaling", "dropout", "init_std")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init_std < 0.0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_choice("backend", self.backend, BACKENDS)
 
     @classmethod
     def houlsby(cls, **kw) -> "AdapterConfig":

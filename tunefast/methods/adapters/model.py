@@ -15,7 +15,7 @@ from torch import nn
 
 from ... import backend as _backend
 from ...patching.report import PatchedEntry, PatchReport
-from ..protocol import resolve_backend
+from ..protocol import check_apply_args, resolve_backend
 from .config import AdapterConfig
 from .layer import AdapterLayer
 
@@ -87,10 +87,7 @@ def apply(model: nn.Module, config: AdapterConfig, *, backend: str | None = None
     ``backend``: None runs ``config.backend``; a backend ("auto", "triton", "reference": see
     tunefast.backend) may replace a config's "auto" and must otherwise equal it. Returns ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    check_apply_args(model, config, AdapterConfig)
     if _STATE in model.__dict__:
         raise ValueError("model already has adapters: call adapters.remove(model) first")
     backend = resolve_backend(config.backend, backend, what="AdapterConfig")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...backend import BACKENDS
-from ..protocol import ConfigMixin
+from ..protocol import ConfigMixin, as_floats, check_choice, check_count
 
 INITS = ("uniform", "normal")
 
@@ -38,20 +38,13 @@ class PromptConfig(ConfigMixin):
                 "apply's backend= may replace 'auto' only."})
 
     def __post_init__(self):
-        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be an int >= 1, got {self.num_tokens!r}")
+        check_count("num_tokens", self.num_tokens)
         for name in ("deep", "train_head"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        for name in ("init_std", "dropout"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name} must be a number, got {v!r}")
-            setattr(self, name, float(v))
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("init", self.init, INITS)
+        as_floats(self, "init_std", "dropout")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.init_std >= 0.0:

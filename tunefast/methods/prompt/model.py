@@ -20,7 +20,7 @@ from ... import backend as _backend
 from ...patching import prefix_interface
 from ...patching.prefix import PREFIX_LAYER
 from ...patching.report import PatchedEntry, PatchReport, SkippedEntry
-from ..protocol import resolve_backend
+from ..protocol import check_apply_args, resolve_backend
 from . import layer as _layer
 from .config import PromptConfig
 from .layer import PromptTokens
@@ -149,10 +149,7 @@ def apply(model: nn.Module, config: PromptConfig, *, backend: str | None = None)
     ("auto", "triton", "reference": see tunefast.backend) may replace a config's "auto" and must otherwise
     equal it. Returns ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, PromptConfig):
-        raise TypeError(f"config must be a PromptConfig, got {type(config).__name__}")
+    check_apply_args(model, config, PromptConfig)
     if _STATE in model.__dict__:
         raise ValueError("model already has visual prompts: call prompt.remove(model) first")
     backend = resolve_backend(config.backend, backend, what="PromptConfig")

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ...backend import BACKENDS
-from ..protocol import ConfigMixin
+from ..protocol import ConfigMixin, check_choice, check_count
 
 SELECTIONS = ("random", "magnitude", "gradient")
 VALUE_DTYPES = ("float32", "bfloat16", "float16", "weight")
@@ -82,13 +82,9 @@ class SparseConfig(ConfigMixin):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.train_bias, bool):
             raise TypeError(f"train_bias must be a bool, got {self.train_bias!r}")
-        if self.dtype not in VALUE_DTYPES:
-            raise ValueError(f"dtype must be one of {VALUE_DTYPES}, got {self.dtype!r}")
-        if isinstance(self.gradient_chunk_layers, bool) or not isinstance(self.gradient_chunk_layers, int) \
-                or self.gradient_chunk_layers < 1:
-            raise ValueError(f"gradient_chunk_layers must be an int >= 1, got {self.gradient_chunk_layers!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_choice("dtype", self.dtype, VALUE_DTYPES)
+        check_count("gradient_chunk_layers", self.gradient_chunk_layers)
+        check_choice("backend", self.backend, BACKENDS)
 
     @property
     def explicit(self) -> bool:

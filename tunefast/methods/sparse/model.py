@@ -22,7 +22,7 @@ from ... import _native
 from ...patching.registry import Patch
 from ...patching.report import PatchedEntry, PatchReport, SkippedEntry
 from ...reference import sparse as ref
-from ..protocol import resolve_backend
+from ..protocol import check_apply_args, resolve_backend
 from .config import SparseConfig
 from .layer import SparseDelta, SparseLinear, transposed_storage, weight_nk
 from .selection import entries, gradient_indices, magnitude_indices, random_indices
@@ -160,10 +160,7 @@ def apply(model: nn.Module, config: SparseConfig, *, name: str = "default", batc
     The deltas' values start at zero (the model's function is unchanged) in ``config.dtype``; they and,
     with ``train_bias``, the bias deltas are the only parameters left trainable.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, SparseConfig):
-        raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
+    check_apply_args(model, config, SparseConfig)
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"name must be a non-empty string without '.', got {name!r}")
     backend = resolve_backend(config.backend, backend, what="SparseConfig")
