@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .tiles import dot, grouped_tile_ids, load_tile, row_vector, store_tile, tile_matmul, tile_range
+from .tiles import dot, grouped_tile_ids, row_vector, store_tile, tile_matmul, tile_range
 
 
 @triton.jit
@@ -90,11 +90,16 @@ def _scaled_linear_bwd_kernel(
     # g as torch's mm returns it (x's dtype), then cast to l's dtype, as PEFT's casts; products in fp32
     # (see the forward) rounded where PEFT rounds
     g = acc.to(dx_ptr.dtype.element_ty).to(scale_ptr.dtype.element_ty).to(tl.float32)
+    # Written out rather than with tiles.store_tile / load_tile: the same math, but one shared mask here kept
+    # sm_90 (triton 3.8) at 48 registers on 8 warps with a bf16 x and an fp32 l (60 with the helpers).
+    tile = mask_m[:, None] & mask_k[None, :]
     if NEED_DX:
-        dx = (g * row_vector(scale_ptr, rk64, mask_k)).to(scale_ptr.dtype.element_ty)
-        store_tile(dx_ptr, dx, rm64, rk64, mask_m, mask_k, stride_dxm, stride_dxk)
+        rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        scale = tl.load(scale_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
+        dx = (g * scale[None, :]).to(scale_ptr.dtype.element_ty).to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, dx, mask=tile)
     if NEED_DL:
-        x = load_tile(x_ptr, rm64, rk64, mask_m, mask_k, stride_xm, stride_xk)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk, mask=tile, other=0.0)
         part = tl.sum(g * x.to(scale_ptr.dtype.element_ty).to(tl.float32), axis=0)
         tl.store(dl_ptr + pid_m.to(tl.int64) * stride_dlp + rk64, part, mask=mask_k)
 
