@@ -108,14 +108,17 @@ def _sddmm_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _gpu_configs(kernel_name):
-    """Tiles for Ampere/Hopper, the first being the fixed one (4 warps). SpMM: (tokens, segments);
-    SDDMM: (tokens per step, entries). No tl.dot and no pipelined loads: shared memory is only
-    reductions' scratch."""
+def _gpu_configs(kernel_name, arch=None):
+    """Tiles for Ampere/Hopper, the first being the fixed one. SpMM: (tokens, segments); SDDMM: (tokens per
+    step, entries). No tl.dot and no pipelined loads: shared memory is only reductions' scratch."""
     if kernel_name == "_spmm_kernel":
         tiles = [(64, 32, 4), (128, 32, 4), (64, 64, 4), (32, 64, 4), (128, 64, 8), (256, 16, 4)]
         return [triton.Config(dict(BLOCK_T=t, BLOCK_S=s), num_warps=w) for t, s, w in tiles]
-    tiles = [(32, 128, 4), (16, 256, 4), (64, 64, 4), (32, 256, 8), (64, 128, 8), (128, 32, 4)]
+    # The (32 x 128) gathers hold two int64 address tiles: on 4 warps 235-255 registers, and on sm_80 with
+    # triton 3.6 72 B/thread spilled; the same tile on 8 warps used 153-159 registers, clean (sm_80 / sm_89,
+    # triton 3.6). sm_89 / sm_90 keep 4 warps (clean with triton 3.6 and 3.8).
+    first = (32, 128, 8) if arch is not None and arch.capability == 80 else (32, 128, 4)
+    tiles = [first, (16, 256, 4), (64, 64, 4), (32, 256, 8), (64, 128, 8), (128, 32, 4)]
     return [triton.Config(dict(BLOCK_T=t, BLOCK_NZ=k), num_warps=w) for t, k, w in tiles]
 
 
@@ -131,7 +134,7 @@ _SPMM = launch.Kernel(
     restore=["out_ptr"],  # the SpMM accumulates into out: every trial must start from the same out
 )
 _SDDMM = launch.Kernel(
-    _sddmm_kernel, configs=lambda arch, named: _gpu_configs("_sddmm_kernel"), smem=_scratch_smem,
+    _sddmm_kernel, configs=lambda arch, named: _gpu_configs("_sddmm_kernel", arch), smem=_scratch_smem,
     interpret=dict(BLOCK_T=16, BLOCK_NZ=32),
 )
 
