@@ -200,9 +200,11 @@ def _fixed_for(per_thread):
             return fits[0] if fits[0].num_warps >= warps else triton.Config(
                 dict(fits[0].kwargs), num_warps=warps, num_stages=fits[0].num_stages)
         # bf16 h with fp32 weights at N = 256, 8 warps: 2 stages spilled 12 B/thread on sm_90, 1 stage was
-        # clean on sm_80 / sm_90 (plain fp32 is the other way round: 80 B with 1 stage, none with 2)
+        # clean on sm_80 / sm_90 (plain fp32 is the other way round: 80 B with 1 stage, none with 2); sm_89
+        # is the other way round too (triton 3.8: RMSNorm launch 1 stage 80 registers + 12 B spilled,
+        # 2 stages 96-100 registers, clean)
         fp32 = _elem(named) == 4
-        stages = 1 if named["UPCAST"] and n <= 256 else 2
+        stages = 1 if named["UPCAST"] and n <= 256 and arch.capability != 89 else 2
         return triton.Config(dict(BLOCK_M=16, BLOCK_D=16 if fp32 else 32), num_warps=warps, num_stages=stages)
     return fixed
 
