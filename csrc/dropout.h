@@ -7,17 +7,10 @@
 #pragma once
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
+
+#include "checks.h"  // DType, check_arg, check_dtype
 
 namespace tunefast {
-
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
-
-// Checks shared by both back ends; std::invalid_argument reaches Python as ValueError.
-inline void check_arg(bool ok, const char* fn, const std::string& what) {
-    if (!ok) throw std::invalid_argument(std::string(fn) + ": " + what);
-}
 
 inline void check_problem(const char* fn, int64_t rows, int64_t cols, int64_t row_start,
                           uint64_t threshold) {
@@ -37,10 +30,27 @@ inline void check_ptr(const char* fn, uintptr_t ptr, const char* name, int64_t r
               std::string(name) + " is a null pointer for a non-empty matrix");
 }
 
-inline DType check_dtype(const char* fn, int code) {
-    check_arg(code >= 0 && code <= 2, fn,
-              "dtype_code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(code));
-    return static_cast<DType>(code);
+// dropout_apply / dropout_add after their checks: fn, the entry point's name (for later errors), n = rows *
+// cols elements whose draws start at counter offset first_offset = row_start * cols, and the scale rounded
+// to fp32 (as torch rounds a Python scalar).
+struct DropoutProblem {
+    const char* fn;
+    DType dtype;
+    int64_t n;
+    uint64_t first_offset;
+    float scale;
+};
+
+// The checks of dropout_apply(a = in, b = out) and dropout_add(a = dst, b = src) on either back end, in
+// the order the arguments come: sizes, a, b, dtype.
+inline DropoutProblem check_dropout(const char* fn, uintptr_t a, const char* a_name, uintptr_t b,
+                                    const char* b_name, int64_t rows, int64_t cols, int dtype_code,
+                                    uint64_t threshold, double scale, int64_t row_start) {
+    check_problem(fn, rows, cols, row_start, threshold);
+    check_ptr(fn, a, a_name, rows, cols);
+    check_ptr(fn, b, b_name, rows, cols);
+    const DType dtype = check_dtype(fn, dtype_code);
+    return {fn, dtype, rows * cols, uint64_t(row_start) * uint64_t(cols), static_cast<float>(scale)};
 }
 
 namespace cpu {

@@ -41,28 +41,23 @@ void for_each_keep(int64_t n, uint64_t first_offset, uint64_t seed, uint64_t thr
     }
 }
 
-template <typename D>
-void apply_impl(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n, uint64_t first_offset, uint64_t seed,
-                uint64_t threshold, float scale) {
-    const auto* in = reinterpret_cast<const typename D::T*>(in_ptr);
+// out = dropout(src) (Add = false; src may be out) or out += dropout(src) (Add = true), for n elements.
+template <typename D, bool Add>
+void dropout_impl(uintptr_t out_ptr, uintptr_t src_ptr, const DropoutProblem& p, uint64_t seed,
+                  uint64_t threshold) {
     auto* out = reinterpret_cast<typename D::T*>(out_ptr);
-    for_each_keep(n, first_offset, seed, threshold, [&](int64_t i, bool kept) {
+    const auto* src = reinterpret_cast<const typename D::T*>(src_ptr);
+    const float scale = p.scale;
+    for_each_keep(p.n, p.first_offset, seed, threshold, [&](int64_t i, bool kept) {
         const float keep = kept ? 1.0f : 0.0f;
         // x * keep first, as the reference: a dropped inf/NaN gives NaN, a dropped -x gives -0.
-        out[i] = D::store(D::load(in[i]) * keep * scale);
-    });
-}
-
-template <typename D>
-void add_impl(uintptr_t dst_ptr, uintptr_t src_ptr, int64_t n, uint64_t first_offset, uint64_t seed,
-              uint64_t threshold, float scale) {
-    auto* dst = reinterpret_cast<typename D::T*>(dst_ptr);
-    const auto* src = reinterpret_cast<const typename D::T*>(src_ptr);
-    for_each_keep(n, first_offset, seed, threshold, [&](int64_t i, bool kept) {
-        const float keep = kept ? 1.0f : 0.0f;
-        // Rounded to the storage dtype before the add, as `dst + dropout(src)` does.
-        const float dropped = D::load(D::store(D::load(src[i]) * keep * scale));
-        dst[i] = D::store(D::load(dst[i]) + dropped);
+        const typename D::T dropped = D::store(D::load(src[i]) * keep * scale);
+        if constexpr (Add) {
+            // Rounded to the storage dtype before the add, as `dst + dropout(src)` does.
+            out[i] = D::store(D::load(out[i]) + D::load(dropped));
+        } else {
+            out[i] = dropped;
+        }
     });
 }
 
@@ -81,34 +76,16 @@ void keep_mask(uintptr_t out, int64_t rows, int64_t cols, int64_t row_start, uin
 
 void dropout_apply(uintptr_t in, uintptr_t out, int64_t rows, int64_t cols, int dtype_code,
                    uint64_t seed, uint64_t threshold, double scale, int64_t row_start) {
-    check_problem("dropout_apply", rows, cols, row_start, threshold);
-    check_ptr("dropout_apply", in, "in", rows, cols);
-    check_ptr("dropout_apply", out, "out", rows, cols);
-    const DType dtype = check_dtype("dropout_apply", dtype_code);
-    const float s = static_cast<float>(scale);  // torch rounds a Python scalar to fp32 too
-    const int64_t n = rows * cols;
-    const uint64_t first = uint64_t(row_start) * uint64_t(cols);
-    switch (dtype) {
-        case DType::Float32: return apply_impl<Float32>(in, out, n, first, seed, threshold, s);
-        case DType::Float16: return apply_impl<Float16>(in, out, n, first, seed, threshold, s);
-        case DType::BFloat16: return apply_impl<BFloat16>(in, out, n, first, seed, threshold, s);
-    }
+    const DropoutProblem p =
+        check_dropout("dropout_apply", in, "in", out, "out", rows, cols, dtype_code, threshold, scale, row_start);
+    dispatch(p.dtype, [&](auto d) { dropout_impl<decltype(d), false>(out, in, p, seed, threshold); });
 }
 
 void dropout_add(uintptr_t dst, uintptr_t src, int64_t rows, int64_t cols, int dtype_code,
                  uint64_t seed, uint64_t threshold, double scale, int64_t row_start) {
-    check_problem("dropout_add", rows, cols, row_start, threshold);
-    check_ptr("dropout_add", dst, "dst", rows, cols);
-    check_ptr("dropout_add", src, "src", rows, cols);
-    const DType dtype = check_dtype("dropout_add", dtype_code);
-    const float s = static_cast<float>(scale);
-    const int64_t n = rows * cols;
-    const uint64_t first = uint64_t(row_start) * uint64_t(cols);
-    switch (dtype) {
-        case DType::Float32: return add_impl<Float32>(dst, src, n, first, seed, threshold, s);
-        case DType::Float16: return add_impl<Float16>(dst, src, n, first, seed, threshold, s);
-        case DType::BFloat16: return add_impl<BFloat16>(dst, src, n, first, seed, threshold, s);
-    }
+    const DropoutProblem p =
+        check_dropout("dropout_add", dst, "dst", src, "src", rows, cols, dtype_code, threshold, scale, row_start);
+    dispatch(p.dtype, [&](auto d) { dropout_impl<decltype(d), true>(dst, src, p, seed, threshold); });
 }
 
 }  // namespace cpu

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "checks.h"  // DTypeSwitch
+
 namespace tunefast {
 namespace cpu_dtypes {
 
@@ -53,6 +55,9 @@ struct Float16 {
         return T((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
     }
 };
+
+// dispatch(d, fn) / dispatch(a, b, fn): fn gets the conversion struct of each dtype code (csrc/checks.h).
+inline constexpr DTypeSwitch<Float32, Float16, BFloat16> dispatch{};
 
 }  // namespace cpu_dtypes
 }  // namespace tunefast

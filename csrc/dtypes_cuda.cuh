@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "checks.h"  // DTypeSwitch
+
 namespace tunefast {
 namespace cuda_dtypes {
 
@@ -21,6 +23,10 @@ template <> struct Io<__nv_bfloat16> {
     static __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
     static __device__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
+
+// dispatch(d, fn) / dispatch(a, b, fn), host side: fn gets a value of each dtype code's element type
+// (csrc/checks.h).
+inline constexpr DTypeSwitch<float, __half, __nv_bfloat16> dispatch{};
 
 }  // namespace cuda_dtypes
 }  // namespace tunefast

@@ -6,12 +6,14 @@
 // (nnz, int32: their positions in the CSR order). Activations are contiguous row-major (M, features).
 // Every sum is fp32. The kernels trust the structure (tunefast/ops/sparse.py validates it once).
 //
-// Dtype codes as in dropout.h: 0 float32, 1 float16, 2 bfloat16.
+// Dtype codes as in checks.h: 0 float32, 1 float16, 2 bfloat16.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
 
-#include "dropout.h"  // DType, check_arg, check_dtype
+#include "checks.h"  // DType, check_arg, check_dtype
 
 namespace tunefast {
 
@@ -24,6 +26,34 @@ inline void check_sizes(const char* fn, int64_t a, const char* na, int64_t b, co
 
 inline void check_nonnull(const char* fn, uintptr_t ptr, const char* name, bool needed) {
     check_arg(ptr != 0 || !needed, fn, std::string(name) + " is a null pointer for a non-empty operand");
+}
+
+// The checks both back ends' sparse_sddmm make (each adds its own: row_ptr on the CPU, the token splits
+// on CUDA); returns dy's and x's dtype.
+inline DType check_sddmm(const char* fn, uintptr_t dy, uintptr_t x, uintptr_t indices, uintptr_t out, int64_t M,
+                         int64_t N, int64_t K, int64_t nnz, int dtype_code) {
+    check_sizes(fn, M, "M", N, "N", K, "K");
+    check_arg(nnz >= 0, fn, "nnz must be >= 0");
+    check_arg(nnz == 0 || (N > 0 && K > 0), fn, "entries need N > 0 and K > 0");
+    check_nonnull(fn, dy, "dy", M > 0 && nnz > 0);
+    check_nonnull(fn, x, "x", M > 0 && nnz > 0);
+    check_nonnull(fn, indices, "indices", nnz > 0);
+    check_nonnull(fn, out, "out", nnz > 0);
+    return check_dtype(fn, dtype_code);
+}
+
+// The checks of sparse_scatter_add on either back end; returns (weight dtype, value dtype).
+inline std::pair<DType, DType> check_scatter_add(uintptr_t weight, uintptr_t indices, uintptr_t values,
+                                                 uintptr_t saved, int64_t N, int64_t K, int64_t nnz,
+                                                 int weight_dtype, int value_dtype) {
+    const char* fn = "sparse_scatter_add";
+    check_sizes(fn, N, "N", K, "K", nnz, "nnz");
+    check_arg(nnz == 0 || (N > 0 && K > 0), fn, "entries need N > 0 and K > 0");
+    check_nonnull(fn, weight, "weight", nnz > 0);
+    check_nonnull(fn, indices, "indices", nnz > 0);
+    check_nonnull(fn, values, "values", nnz > 0);
+    check_nonnull(fn, saved, "saved", nnz > 0);
+    return {check_dtype(fn, weight_dtype), check_dtype(fn, value_dtype)};
 }
 
 namespace cpu {

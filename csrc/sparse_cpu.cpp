@@ -31,15 +31,6 @@ namespace {
 
 using namespace cpu_dtypes;  // Float32 / BFloat16 / Float16 conversions (csrc/dtypes_cpu.h)
 
-template <typename Fn>
-void dispatch(DType d, Fn&& fn) {
-    switch (d) {
-        case DType::Float32: fn(Float32{}); break;
-        case DType::Float16: fn(Float16{}); break;
-        case DType::BFloat16: fn(BFloat16{}); break;
-    }
-}
-
 // A team wakes in microseconds; below ~32k multiply-adds one thread is done sooner.
 constexpr int64_t kParallelMinWork = int64_t(1) << 15;
 // Per-thread transposed-block budgets (1 thread, 4096^2 layer, 2048 tokens, fp32). The SDDMM's is what
@@ -120,40 +111,71 @@ inline int thread_count() {
 #endif
 }
 
+// One thread's share of the S segments delimited by seg (S + 1; the delta's rows for the SDDMM, out's
+// columns for a SpMM), inside a parallel region: [s0, s1) from thread_segments, and the path it takes.
+struct ThreadShare {
+    int64_t s0 = 0, s1 = 0;
+    bool direct = false;        // the direct path (nnz < G, above nonempty()) over `segs`
+    bool blocked = false;       // the token-block path over [s0, s1)
+    std::vector<int64_t> segs;  // the non-empty segments of [s0, s1), on the direct path only
+
+    ThreadShare(const int64_t* seg, int64_t S, int64_t nnz, int64_t G) {
+        thread_segments(seg, S, nnz, thread_id(), thread_count(), s0, s1);
+        direct = s0 < s1 && nnz < G;
+        blocked = s0 < s1 && !direct;
+        if (direct) segs = nonempty(seg, s0, s1);
+    }
+};
+
+// The token-block path's buffers, one set per thread: in (G, tb) fp32 takes blocks of tb tokens of
+// src (M, G) transposed; scratch is tb floats.
+template <typename D>
+struct TokenBlocks {
+    const typename D::T* src;
+    int64_t M, G, tb;
+    std::vector<float> in, scratch;
+
+    TokenBlocks(const typename D::T* src_, int64_t M_, int64_t G_, int64_t tb_)
+        : src(src_), M(M_), G(G_), tb(tb_), in(static_cast<size_t>(G_ * tb_)), scratch(static_cast<size_t>(tb_)) {}
+
+    // Transposes tokens t0 .. t0 + nt - 1 into `in` (zero past nt); returns nt.
+    int64_t load(int64_t t0) {
+        const int64_t nt = std::min(tb, M - t0);
+        transpose_block<D>(src + t0 * G, G, nt, tb, in.data());
+        return nt;
+    }
+};
+
 template <typename D>
 void sddmm_impl(const typename D::T* dy, const typename D::T* x, const int64_t* idx, const int64_t* ptr,
                 float* out, int64_t M, int64_t N, int64_t K, int64_t nnz) {
     std::fill(out, out + nnz, 0.0f);
     if (M == 0 || nnz == 0) return;
     const int64_t tb = token_block(K, kSddmmBufferBytes);
-    const bool direct = nnz < K;  // the direct path (above nonempty())
 #pragma omp parallel if (M * nnz >= kParallelMinWork)
     {
-        int64_t r0, r1;
-        thread_segments(ptr, N, nnz, thread_id(), thread_count(), r0, r1);
-        if (r0 < r1 && direct) {
-            const std::vector<int64_t> rows = nonempty(ptr, r0, r1);
+        const ThreadShare my(ptr, N, nnz, K);  // segments: the delta's rows; gathered: x (M, K)
+        if (my.direct) {
             for (int64_t t = 0; t < M; ++t) {
                 const typename D::T* xrow = x + t * K;
-                for (const int64_t r : rows) {
+                for (const int64_t r : my.segs) {
                     const float a = D::load(dy[t * N + r]);
                     for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) out[k] += a * D::load(xrow[idx[k] - r * K]);
                 }
             }
-        } else if (r0 < r1) {
-            std::vector<float> xT(static_cast<size_t>(K * tb)), col(static_cast<size_t>(tb));
-            float* a = col.data();
+        } else if (my.blocked) {
+            TokenBlocks<D> xT(x, M, K, tb);
+            float* a = xT.scratch.data();
             for (int64_t t0 = 0; t0 < M; t0 += tb) {
-                const int64_t nt = std::min(tb, M - t0);
-                transpose_block<D>(x + t0 * K, K, nt, tb, xT.data());
+                const int64_t nt = xT.load(t0);
                 // Rows, not entries: row r's dy column is gathered once for all its entries, and
                 // c = idx - r * K needs no division.
-                for (int64_t r = r0; r < r1; ++r) {
+                for (int64_t r = my.s0; r < my.s1; ++r) {
                     if (ptr[r] == ptr[r + 1]) continue;
                     for (int64_t t = 0; t < nt; ++t) a[t] = D::load(dy[(t0 + t) * N + r]);
                     for (int64_t t = nt; t < tb; ++t) a[t] = 0.0f;
                     for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k)
-                        out[k] += dot(a, xT.data() + (idx[k] - r * K) * tb, tb);
+                        out[k] += dot(a, xT.in.data() + (idx[k] - r * K) * tb, tb);
                 }
             }
         }
@@ -166,16 +188,13 @@ void spmm_impl(typename D::T* out, const typename D::T* inp, const int64_t* seg,
                int64_t G, int64_t nnz, bool transposed) {
     if (M == 0 || S == 0 || nnz == 0) return;
     const int64_t tb = token_block(G, kSpmmBufferBytes);
-    const bool direct = nnz < G;  // the direct path (above nonempty())
 #pragma omp parallel if (M * nnz >= kParallelMinWork)
     {
-        int64_t s0, s1;
-        thread_segments(seg, S, nnz, thread_id(), thread_count(), s0, s1);
-        if (s0 < s1 && direct) {
-            const std::vector<int64_t> segs = nonempty(seg, s0, s1);
+        const ThreadShare my(seg, S, nnz, G);  // segments: out's columns; gathered: inp (M, G)
+        if (my.direct) {
             for (int64_t t = 0; t < M; ++t) {
                 const typename D::T* row = inp + t * G;
-                for (const int64_t s : segs) {
+                for (const int64_t s : my.segs) {
                     const int64_t e0 = seg[s], e1 = seg[s + 1];
                     float sum = 0.0f;
                     for (int64_t e = e0; e < e1; ++e) {
@@ -186,20 +205,19 @@ void spmm_impl(typename D::T* out, const typename D::T* inp, const int64_t* seg,
                     *o = D::store(D::load(*o) + sum);
                 }
             }
-        } else if (s0 < s1) {
-            std::vector<float> inT(static_cast<size_t>(G * tb)), acc(static_cast<size_t>(tb));
-            float* a = acc.data();
+        } else if (my.blocked) {
+            TokenBlocks<D> inT(inp, M, G, tb);
+            float* a = inT.scratch.data();
             for (int64_t t0 = 0; t0 < M; t0 += tb) {
-                const int64_t nt = std::min(tb, M - t0);
-                transpose_block<D>(inp + t0 * G, G, nt, tb, inT.data());
-                for (int64_t s = s0; s < s1; ++s) {
+                const int64_t nt = inT.load(t0);
+                for (int64_t s = my.s0; s < my.s1; ++s) {
                     const int64_t e0 = seg[s], e1 = seg[s + 1];
                     if (e0 == e1) continue;  // no entries: out keeps its value
-                    std::fill(acc.begin(), acc.end(), 0.0f);
+                    std::fill(a, a + tb, 0.0f);
                     for (int64_t e = e0; e < e1; ++e) {
                         const int64_t g = transposed ? int64_t(t_rows[e]) : idx[e] - s * G;
                         const float v = V::load(vals[transposed ? int64_t(perm[e]) : e]);
-                        const float* xr = inT.data() + g * tb;
+                        const float* xr = inT.in.data() + g * tb;
 #pragma omp simd
                         for (int64_t t = 0; t < tb; ++t) a[t] += v * xr[t];
                     }
@@ -232,15 +250,8 @@ namespace cpu {
 void sparse_sddmm(uintptr_t dy, uintptr_t x, uintptr_t indices, uintptr_t row_ptr, uintptr_t out,
                   int64_t M, int64_t N, int64_t K, int64_t nnz, int dtype_code) {
     const char* fn = "sparse_sddmm";
-    check_sizes(fn, M, "M", N, "N", K, "K");
-    check_arg(nnz >= 0, fn, "nnz must be >= 0");
-    check_arg(nnz == 0 || (N > 0 && K > 0), fn, "entries need N > 0 and K > 0");
-    check_nonnull(fn, dy, "dy", M > 0 && nnz > 0);
-    check_nonnull(fn, x, "x", M > 0 && nnz > 0);
-    check_nonnull(fn, indices, "indices", nnz > 0);
+    const DType dtype = check_sddmm(fn, dy, x, indices, out, M, N, K, nnz, dtype_code);
     check_nonnull(fn, row_ptr, "row_ptr", N > 0);
-    check_nonnull(fn, out, "out", nnz > 0);
-    const DType dtype = check_dtype(fn, dtype_code);
     dispatch(dtype, [&](auto d) {
         using D = decltype(d);
         sddmm_impl<D>(reinterpret_cast<const typename D::T*>(dy), reinterpret_cast<const typename D::T*>(x),
@@ -263,40 +274,29 @@ void sparse_spmm(uintptr_t out, uintptr_t inp, uintptr_t seg_ptr, uintptr_t gath
     check_nonnull(fn, values, "values", work);
     check_nonnull(fn, perm, "perm", work && transposed);
     const DType io = check_dtype(fn, io_dtype), vd = check_dtype(fn, value_dtype);
-    dispatch(io, [&](auto d) {
-        dispatch(vd, [&](auto v) {
-            using D = decltype(d);
-            using V = decltype(v);
-            spmm_impl<D, V>(reinterpret_cast<typename D::T*>(out), reinterpret_cast<const typename D::T*>(inp),
-                            reinterpret_cast<const int64_t*>(seg_ptr),
-                            transposed ? nullptr : reinterpret_cast<const int64_t*>(gather),
-                            transposed ? reinterpret_cast<const int32_t*>(gather) : nullptr,
-                            reinterpret_cast<const typename V::T*>(values), reinterpret_cast<const int32_t*>(perm),
-                            M, S, G, nnz, transposed);
-        });
+    dispatch(io, vd, [&](auto d, auto v) {
+        using D = decltype(d);
+        using V = decltype(v);
+        spmm_impl<D, V>(reinterpret_cast<typename D::T*>(out), reinterpret_cast<const typename D::T*>(inp),
+                        reinterpret_cast<const int64_t*>(seg_ptr),
+                        transposed ? nullptr : reinterpret_cast<const int64_t*>(gather),
+                        transposed ? reinterpret_cast<const int32_t*>(gather) : nullptr,
+                        reinterpret_cast<const typename V::T*>(values), reinterpret_cast<const int32_t*>(perm), M,
+                        S, G, nnz, transposed);
     });
 }
 
 void sparse_scatter_add(uintptr_t weight, int64_t stride_r, int64_t stride_c, uintptr_t indices,
                         uintptr_t values, uintptr_t saved, int64_t N, int64_t K, int64_t nnz,
                         int weight_dtype, int value_dtype) {
-    const char* fn = "sparse_scatter_add";
-    check_sizes(fn, N, "N", K, "K", nnz, "nnz");
-    check_arg(nnz == 0 || (N > 0 && K > 0), fn, "entries need N > 0 and K > 0");
-    check_nonnull(fn, weight, "weight", nnz > 0);
-    check_nonnull(fn, indices, "indices", nnz > 0);
-    check_nonnull(fn, values, "values", nnz > 0);
-    check_nonnull(fn, saved, "saved", nnz > 0);
-    const DType wd = check_dtype(fn, weight_dtype), vd = check_dtype(fn, value_dtype);
-    dispatch(wd, [&](auto w) {
-        dispatch(vd, [&](auto v) {
-            using W = decltype(w);
-            using V = decltype(v);
-            scatter_impl<W, V>(reinterpret_cast<typename W::T*>(weight), stride_r, stride_c,
-                               reinterpret_cast<const int64_t*>(indices),
-                               reinterpret_cast<const typename V::T*>(values),
-                               reinterpret_cast<typename W::T*>(saved), K, nnz);
-        });
+    const std::pair<DType, DType> wv =
+        check_scatter_add(weight, indices, values, saved, N, K, nnz, weight_dtype, value_dtype);
+    dispatch(wv.first, wv.second, [&](auto w, auto v) {
+        using W = decltype(w);
+        using V = decltype(v);
+        scatter_impl<W, V>(reinterpret_cast<typename W::T*>(weight), stride_r, stride_c,
+                           reinterpret_cast<const int64_t*>(indices), reinterpret_cast<const typename V::T*>(values),
+                           reinterpret_cast<typename W::T*>(saved), K, nnz);
     });
 }
 

@@ -7,21 +7,21 @@
 //     the caller sums them: deterministic, no atomics. The x[t, c_k] loads of a warp are 32 columns of
 //     one row, one sector each; that gather is the SDDMM's cost (2 * M * nnz loads) at any density.
 //   * scatter: one thread per entry; entries are unique, so no two threads touch one weight element.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "dtypes_cuda.cuh"
+#include "launch_cuda.cuh"
 #include "sparse.h"
 
 namespace tunefast {
 namespace {
 
+using cuda_dtypes::dispatch;
 using cuda_dtypes::Io;  // csrc/dtypes_cuda.cuh
+using namespace cuda_launch;  // kThreads, blocks_for, check_launch (csrc/launch_cuda.cuh)
 
 template <typename T>
 __global__ void sddmm_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int64_t* __restrict__ idx,
@@ -61,23 +61,6 @@ __global__ void scatter_kernel(W* w, int64_t sr, int64_t sc, const int64_t* __re
     }
 }
 
-constexpr unsigned kThreads = 256;
-
-void check_launch(const char* fn) {
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess)
-        throw std::runtime_error(std::string(fn) + ": CUDA kernel launch failed: " + cudaGetErrorString(err));
-}
-
-template <typename Fn>
-void dispatch(DType d, Fn&& fn) {
-    switch (d) {
-        case DType::Float32: fn(float{}); break;
-        case DType::Float16: fn(__half{}); break;
-        case DType::BFloat16: fn(__nv_bfloat16{}); break;
-    }
-}
-
 }  // namespace
 
 namespace cuda {
@@ -87,16 +70,9 @@ void sparse_sddmm(uintptr_t dy, uintptr_t x, uintptr_t indices, uintptr_t out, i
                   int64_t stride_xk, int64_t t_per_split, int64_t splits, int dtype_code,
                   uintptr_t stream) {
     const char* fn = "sparse_sddmm";
-    check_sizes(fn, M, "M", N, "N", K, "K");
-    check_arg(nnz >= 0, fn, "nnz must be >= 0");
-    check_arg(nnz == 0 || (N > 0 && K > 0), fn, "entries need N > 0 and K > 0");
+    const DType dtype = check_sddmm(fn, dy, x, indices, out, M, N, K, nnz, dtype_code);
     check_arg(splits >= 1 && splits <= 65535, fn, "splits must be in [1, 65535], got " + std::to_string(splits));
     check_arg(t_per_split >= 1 && t_per_split * splits >= M, fn, "splits * t_per_split must cover M tokens");
-    check_nonnull(fn, dy, "dy", M > 0 && nnz > 0);
-    check_nonnull(fn, x, "x", M > 0 && nnz > 0);
-    check_nonnull(fn, indices, "indices", nnz > 0);
-    check_nonnull(fn, out, "out", nnz > 0);
-    const DType dtype = check_dtype(fn, dtype_code);
     if (nnz == 0) return;
     const dim3 grid(unsigned((nnz + kThreads - 1) / kThreads), unsigned(splits));
     const auto st = reinterpret_cast<cudaStream_t>(stream);
@@ -112,27 +88,18 @@ void sparse_sddmm(uintptr_t dy, uintptr_t x, uintptr_t indices, uintptr_t out, i
 void sparse_scatter_add(uintptr_t weight, int64_t stride_r, int64_t stride_c, uintptr_t indices,
                         uintptr_t values, uintptr_t saved, int64_t N, int64_t K, int64_t nnz,
                         int weight_dtype, int value_dtype, uintptr_t stream) {
-    const char* fn = "sparse_scatter_add";
-    check_sizes(fn, N, "N", K, "K", nnz, "nnz");
-    check_arg(nnz == 0 || (N > 0 && K > 0), fn, "entries need N > 0 and K > 0");
-    check_nonnull(fn, weight, "weight", nnz > 0);
-    check_nonnull(fn, indices, "indices", nnz > 0);
-    check_nonnull(fn, values, "values", nnz > 0);
-    check_nonnull(fn, saved, "saved", nnz > 0);
-    const DType wd = check_dtype(fn, weight_dtype), vd = check_dtype(fn, value_dtype);
+    const std::pair<DType, DType> wv =
+        check_scatter_add(weight, indices, values, saved, N, K, nnz, weight_dtype, value_dtype);
     if (nnz == 0) return;
-    const unsigned blocks = unsigned(std::min<int64_t>((nnz + kThreads - 1) / kThreads, 65536));
     const auto st = reinterpret_cast<cudaStream_t>(stream);
-    dispatch(wd, [&](auto wtag) {
-        dispatch(vd, [&](auto vtag) {
-            using W = decltype(wtag);
-            using V = decltype(vtag);
-            scatter_kernel<W, V><<<blocks, kThreads, 0, st>>>(reinterpret_cast<W*>(weight), stride_r, stride_c,
-                reinterpret_cast<const int64_t*>(indices), reinterpret_cast<const V*>(values),
-                reinterpret_cast<W*>(saved), K, nnz);
-        });
+    dispatch(wv.first, wv.second, [&](auto wtag, auto vtag) {
+        using W = decltype(wtag);
+        using V = decltype(vtag);
+        scatter_kernel<W, V><<<blocks_for(uint64_t(nnz)), kThreads, 0, st>>>(reinterpret_cast<W*>(weight),
+            stride_r, stride_c, reinterpret_cast<const int64_t*>(indices), reinterpret_cast<const V*>(values),
+            reinterpret_cast<W*>(saved), K, nnz);
     });
-    check_launch(fn);
+    check_launch("sparse_scatter_add");
 }
 
 }  // namespace cuda
