@@ -295,7 +295,11 @@ def test_remove_restores_the_model_bit_for_bit(deep):
     model = trained("vit", deep=deep)  # same seed: the same base weights
     assert torch.equal(model.vit.embeddings.cls_token, base.vit.embeddings.cls_token)
     model(**inputs("vit")).logits.sum().backward()
+    from tunefast.patching import prefix_interface
+
+    holds = dict(prefix_interface._holds)  # deep prompts hold the global attention registration
     prompt.remove(model)
+    assert sum(holds.values()) - sum(prefix_interface._holds.values()) == (1 if deep else 0)
     assert torch.equal(model(**inputs("vit")).logits, want)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model.state_dict().keys() == state.keys()

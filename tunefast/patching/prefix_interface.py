@@ -153,9 +153,9 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     return mask[:, kv_offset : kv_offset + kv_length]
 
 
-def register(backend: str) -> str:
-    """Register the attention and mask functions for ``backend`` (idempotent); return the name.
-    Prefer :class:`Hold`, which also removes them when the last model using them is unpatched."""
+def _register(backend: str) -> str:
+    """Register the attention and mask functions for ``backend`` (idempotent); return the name. Called by
+    :class:`Hold` only, which also removes them when the last model using them is unpatched."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -199,7 +199,7 @@ class Hold:
         with _holds_lock:  # counted before registering: a finalizer of a dead hold cannot unregister it
             _holds[self.name] = _holds.get(self.name, 0) + 1
         self._finalizer = weakref.finalize(self, _drop, self.name)
-        register(backend)
+        _register(backend)
 
     def release(self) -> None:
         self._finalizer()  # runs _drop at most once (not again at garbage collection)

@@ -156,7 +156,7 @@ def apply(model: nn.Module, config: PromptConfig, *, backend: str | None = None)
     (emb_name, emb_mod, leading), layers = _find(model)
     planned = plan(model, config)
     hf_config = getattr(model, "config", None)
-    interface = None
+    interface = hold = None
     if config.deep:
         if hf_config is None or not getattr(model, "_can_set_attn_implementation", lambda: False)():
             raise ValueError(f"deep prompts run through transformers' attention interface, which "
@@ -192,7 +192,8 @@ def apply(model: nn.Module, config: PromptConfig, *, backend: str | None = None)
         return p
 
     if config.deep:
-        interface = prefix_interface.register(backend)
+        hold = prefix_interface.Hold(backend)  # the global registration, removed with the last user
+        interface = hold.name
         for n, layer, facts in layers:
             prompt = new_prompt(layer)
             attn = layer.get_submodule(facts.attention)
@@ -214,7 +215,7 @@ def apply(model: nn.Module, config: PromptConfig, *, backend: str | None = None)
         attn_impl = None
     model.__dict__[_STATE] = {
         "config": config.to_dict(), "backend": backend, "frozen": frozen, "head_orig": head_orig, "hooks": hooks,
-        "prompts": owners, "attn_impl": attn_impl, "interface": interface, "leading": leading,
+        "prompts": owners, "attn_impl": attn_impl, "interface": interface, "hold": hold, "leading": leading,
         "layers": [(n, type(m).__name__, facts) for n, m, facts in layers], "embeddings": emb_name,
     }
     return model
@@ -240,6 +241,7 @@ def remove(model: nn.Module) -> nn.Module:
         model.get_submodule(n).get_submodule(facts.attention).__dict__.pop(PREFIX_LAYER, None)
     if state["attn_impl"] is not None:
         model.set_attn_implementation(state["attn_impl"])
+        state["hold"].release()
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, orig in state["head_orig"].items():

@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from ..protocol import read_checkpoint
 from .config import SideConfig
