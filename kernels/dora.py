@@ -75,9 +75,9 @@ def _configs(arch, named):
     # fp32 adapters: the (64 x BLOCK_R) B tile, the A tile and the B A tile are fp32 (sm_90, rank 64,
     # 4 warps: 1.4 KB/thread of spills): 8 warps (and rank tiles of 32, see lowrank_row_norm).
     fp32 = named["a_ptr"].element_size() == 4 or named["UPCAST"]
-    # sm_80, fp32 adapters: one bf16-weight launch at rank 16 spilled 8 B at 80 registers with 64-wide K
-    # tiles (triton 3.6); 32-wide: 40-64 registers, clean in every launch there
-    block_k = 32 if fp32 and arch.capability == 80 else 64
+    # sm_80 / sm_89, fp32 adapters: one bf16-weight launch at rank 16 spilled 8 B (sm_80) / 16 B (sm_89) at
+    # 80 registers with 64-wide K tiles (triton 3.6); 32-wide: 40-64 registers, clean in every launch there
+    block_k = 32 if fp32 and arch.capability in (80, 89) else 64
     return [triton.Config(dict(BLOCK_N=64, BLOCK_K=block_k), num_warps=8 if fp32 else 4, num_stages=2)]
 
 
