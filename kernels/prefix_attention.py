@@ -441,7 +441,7 @@ def _elem(named) -> int:
 # Tiles per head-dim tile (BLOCK_D) as (BLOCK_M, BLOCK_N, warps, stages); the first one whose shared
 # memory fits the arch is the fixed config (TUNEFAST_AUTOTUNE=0), the rest are autotune candidates.
 # Registers, not shared memory, are what spill, and the first entries below are the ones the AOT check's
-# ptxas log (triton 3.8, sm_80 / sm_89 / sm_90) showed clean; ptxas is not monotone in the tile size
+# ptxas log (triton 3.8 and 3.6, sm_80 / sm_89 / sm_90) showed clean; ptxas is not monotone in the tile size
 # (e.g. the fp32 dK/dV kernel at BLOCK_D = 128: 16 x 16 x 8 warps x 1 stage spills 44 B, 16 x 32 does not).
 #   * fp16 / bf16 (tensor cores): the forward holds an fp32 (BLOCK_M, BLOCK_D) accumulator, dK/dV two
 #     fp32 (BLOCK_N, BLOCK_D) ones plus its K and V tiles.
@@ -457,31 +457,46 @@ _FWD_TILES = {
     128: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
     256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (16, 32, 4, 2)],
 }
-_BWD_TILES = {  # dQ
+# dQ at D = 128 on sm_90: 32 x 32 x 4 warps spilled 8 B with triton 3.6 (128 regs), 64 x 64 x 8 warps is clean
+# with 3.6 and 3.8 (158 regs; 96 KB of shared memory, which only sm_90 has)
+_BWD_TILES = {
     64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 64, 4, 2)],
-    128: [(32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2), (16, 32, 4, 2)],
+    128: {90: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (16, 32, 4, 2)],
+          0: [(32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2), (16, 32, 4, 2)]},
     256: [(16, 32, 8, 1), (32, 32, 8, 1), (16, 16, 4, 1)],
 }
 # dK/dV: the fp32 accumulators are per key, so its tiles differ from dQ's (sm_80, D = 32, 32 x 32 x 4 warps
 # spilled 8 B without dropout and none with it, 32 x 32 x 8 warps 20 B, while on sm_89 32 x 32 x 8 warps was
-# the clean one; 16 x 32 x 8 warps x 1 stage spilled 32-36 B at D = 256)
+# the clean one; 16 x 32 x 8 warps x 1 stage spilled 32-36 B at D = 256; sm_90, D = 64: 32 x 32 x 8 warps
+# spilled 8 B with triton 3.6 (128 regs), 64 x 64 x 8 warps is clean with 3.6 and 3.8, 200-227 regs)
 _DKDV_TILES = {
     32: {89: [(32, 32, 8, 2), (64, 64, 4, 2)], 0: [(64, 64, 4, 2), (32, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]},
-    64: [(32, 32, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+    64: {90: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+         0: [(32, 32, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)]},
     128: [(32, 32, 8, 2), (32, 16, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
     256: [(16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)],
 }
 _FWD_HEAVY = {32: [(32, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 64, 8, 2)]}
-_DQ_HEAVY = {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 32, 8, 1)]}
-_DKDV_HEAVY = {32: {89: [(32, 32, 8, 2)], 0: [(32, 32, 4, 2)]}, 64: [(32, 32, 4, 2)], 128: [(32, 32, 8, 2)], 256: [(16, 32, 4, 1)]}
+# dQ with dropout / bias at D = 256 on sm_80, triton 3.6: 16 x 32 x 8 warps spilled 28 B at 128 registers,
+# 32 x 32 x 8 warps is clean at 200-204 (triton 3.6 and 3.8, fp16 and bf16); sm_90, D = 32 / 64: 32 x 32 x 4
+# warps spilled 8 / 16 B at 168 regs (3.6 / 3.8), 32 x 32 x 8 warps is clean with both (128-168 regs)
+_DQ_HEAVY = {64: {90: [(32, 32, 8, 2)], 0: [(32, 32, 4, 2)]}, 128: [(32, 32, 4, 2)],
+             256: {80: [(32, 32, 8, 1)], 0: [(16, 32, 8, 1)]}}
+# dK/dV with dropout / bias at D = 32: 32 x 32 x 4 warps spilled 56 B on sm_90 with triton 3.6 (168 regs);
+# 32 x 32 x 8 warps is clean on sm_89 and sm_90 with 3.6 and 3.8 (184-237 regs)
+_DKDV_HEAVY = {32: {80: [(32, 32, 4, 2)], 0: [(32, 32, 8, 2)]}, 64: [(32, 32, 4, 2)], 128: [(32, 32, 8, 2)],
+               256: [(16, 32, 4, 1)]}
 _FWD_FP32 = {
     64: [(16, 32, 8, 1), (32, 16, 4, 2), (32, 32, 4, 2)],
     128: [(32, 16, 8, 2), (16, 16, 4, 2)],
     256: [(32, 16, 8, 2), (16, 16, 4, 2)],
 }
-_FWD_FP32_HEAVY = {  # sm_80, D = 64 with dropout: 16 x 32 x 8 warps spilled 16 B, 32 x 16 x 4 warps none
+# fp32 forward with dropout / bias: sm_80, D = 64, 16 x 32 x 8 warps spilled 16 B, 32 x 16 x 4 warps none;
+# D = 128, 32 x 16 x 8 warps x 2 stages spilled 32 B on sm_80 (80 registers, triton 3.6 and 3.8), 32 x 16 x 4
+# warps is clean there and on sm_89 (150 registers) but spilled 1.3 KB on sm_90, which keeps 8 warps
+_FWD_FP32_HEAVY = {
     64: [(32, 16, 4, 2), (16, 32, 8, 1)],
-    128: [(32, 16, 8, 2), (16, 16, 4, 2)],
+    128: {90: [(32, 16, 8, 2), (16, 16, 4, 2)], 0: [(32, 16, 4, 2), (16, 16, 4, 2)]},
     256: [(32, 16, 8, 2), (16, 16, 4, 2)],
 }
 _DQ_FP32 = {
@@ -489,6 +504,10 @@ _DQ_FP32 = {
     128: [(32, 16, 8, 2), (16, 16, 4, 2)],
     256: [(32, 16, 8, 2), (16, 16, 4, 2)],  # 32 x 16 needs 102,400 B at D = 256: not on an RTX 4090
 }
+# dQ fp32 with dropout / bias at D = 128: 32 x 16 x 8 warps x 2 stages spilled 32 B at 80 registers on sm_80,
+# sm_89 and sm_90 (triton 3.6; sm_89 with 3.8 too); 16 x 16 x 4 warps x 2 stages is clean on all three, 96 regs;
+# sm_90, D = 32: 32 x 32 x 4 warps spilled 8 B (3.8, 96 regs), 32 x 32 x 8 warps is clean at D <= 64 (80-98 regs)
+_DQ_FP32_HEAVY = {**_DQ_FP32, 64: {90: [(32, 32, 8, 2)], 0: _DQ_FP32[64]}, 128: [(16, 16, 4, 2)]}
 # fp32 dK/dV is where ptxas differs most between archs (D = 128 without dropout: 16 x 32 x 8 warps clean on
 # sm_90, 16 B on sm_80; 16 x 16 x 4 warps clean on sm_80, 36 B on sm_90): entries keyed by arch where they do
 _DKDV_FP32 = {
@@ -541,10 +560,20 @@ def _bwd_smem(c, named):
 _INTERPRET = dict(BLOCK_M=32, BLOCK_N=32)
 _FWD = launch.Kernel(_fwd_kernel, configs=_configs(_FWD_TILES, _FWD_HEAVY, _FWD_FP32, _FWD_FP32_HEAVY),
                      smem=_fwd_smem, interpret=_INTERPRET)
-_DQ = launch.Kernel(_dq_kernel, configs=_configs(_BWD_TILES, _DQ_HEAVY, _DQ_FP32, None), smem=_bwd_smem,
+_DQ = launch.Kernel(_dq_kernel, configs=_configs(_BWD_TILES, _DQ_HEAVY, _DQ_FP32, _DQ_FP32_HEAVY), smem=_bwd_smem,
                     interpret=_INTERPRET)
 _DKDV = launch.Kernel(_dkdv_kernel, configs=_configs(_DKDV_TILES, _DKDV_HEAVY, _DKDV_FP32, _DKDV_FP32_HEAVY),
                       smem=_bwd_smem, interpret=_INTERPRET)
+# fp32 dK/dV (FMA dots) compiles with .maxnreg 255. Left to itself ptxas aimed below what the kernel needs and
+# spilled in 6 fixed configs on sm_89 with triton 3.8 (D = 64, 16 x 32 x 4 warps: 96 regs + 24 B; D = 128,
+# 16 x 16 x 4 warps: 80 + 24; D = 256, 16 x 16 x 4 warps: 168 + 8; with dropout / bias 16 x 32 x 8 warps:
+# 64-80 + 8-16) and in 7 with 3.6 (sm_90, D = 128, 16 x 32 x 8 warps: 80 + 68). No tile was clean everywhere:
+# at D = 256 on sm_89 every 16-wide one spilled (16 x 16 x 8 warps: 80 + 16-48 B, 16 x 32 x 8 warps: 128 + 72).
+# With the cap named the same tiles compile clean (sm_89, D = 256: 16 x 16 x 4 warps 168-255 regs, 8 warps
+# 92-124; the AOT results in benchmarks/results/aot/*prefix-after.json have every launch). fp16 / bf16
+# (tensor cores) keep ptxas's own choice, clean with the tables above.
+_DKDV_MAXNREG = launch.Kernel(_dkdv_kernel, configs=_DKDV.configs, smem=_bwd_smem, interpret=_INTERPRET,
+                               options=dict(maxnreg=255))
 _DELTA = launch.Kernel(
     _delta_kernel, configs=lambda arch, named: [triton.Config(dict(BLOCK_M=64), num_warps=4, num_stages=1)],
     smem=lambda c, named: 0, interpret=dict(BLOCK_M=64), key=(),
@@ -651,8 +680,9 @@ def attention_backward(do, q, k, v, pk, pv, o, lse, mask, causal: bool, scale: f
             *dk_out.stride(), *dv_out.stride(),
             scale, scale * _LOG2E, wl, wr, *_dropout_args(dropout), key,
         )
-        _DKDV.launch(lambda mt: (triton.cdiv(n_keys, mt["BLOCK_N"]), HKV, B), args, dict(PREFIX=prefix, **common),
-                     like=q)
+        kernel = _DKDV_MAXNREG if launch.elem_bytes(q, upcast) == 4 else _DKDV
+        kernel.launch(lambda mt: (triton.cdiv(n_keys, mt["BLOCK_N"]), HKV, B), args, dict(PREFIX=prefix, **common),
+                      like=q)
 
     dpk = torch.zeros((HKV, P, D), device=q.device, dtype=torch.float32)
     dpv = torch.zeros_like(dpk)
