@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _UNIT = r"""
@@ -196,3 +198,30 @@ def test_the_ledger_reuses_only_identical_compiles(tmp_path):
         [{k: v for k, v in r.items() if k != "seconds"} for r in out["compiled"]]
     assert "source" not in out["mixed"][0] and all(r["source"] == "ledger" for r in out["mixed"][1:])
     assert out["moved_same"] and not out["warps_same"]
+
+
+_LEDGER_COVERS = r"""
+import json, sys
+import benchmarks.aot as aot
+
+aot.discover()
+jobs, _ = aot.build_jobs([90, 80, 89], True, "")  # the scope of `make gpu-aot-ci`, capture only
+ledger = aot.load_ledger(sys.argv[1])
+missing = sorted({(j["kernel"], j["arch"]) for j in jobs if aot.ledger_key(j) not in ledger})
+print(json.dumps(dict(jobs=len(jobs), missing=missing[:20], n_missing=len(missing))))
+"""
+
+
+def test_the_checked_in_ledger_covers_ci_scope(tmp_path):
+    """Every fixed-config compile of CI's AOT scope (triton 3.8, sm_90/80/89) has its result in the ledger;
+    otherwise CI compiles the missing ones (minutes each kernel): after changing kernels/ (even a docstring:
+    triton's source key counts lines), run `make gpu-aot-ledger` and commit the ledger."""
+    import triton
+
+    if triton.__version__ != "3.8.0":
+        pytest.skip(f"the ledger is for triton 3.8.0, this is {triton.__version__}")
+    ledger = ROOT / "benchmarks" / "results" / "aot" / "ledger-triton3.8-fixed.json"
+    proc = _run(["-c", _LEDGER_COVERS, str(ledger)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["jobs"] > 1000 and out["n_missing"] == 0, f"{out['n_missing']} compiles not in the ledger: {out['missing']}"
