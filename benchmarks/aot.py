@@ -218,20 +218,11 @@ def _serve(conn, cache_dir):
         conn.send(compile_job(job))
 
 
-def _result_path(job, results_dir):
-    """Where a job's result is kept between runs: the hash of everything the compile depends on
-    (triton version, the kernel's source and its callees' (JITFunction.cache_key), the specialisation,
-    the options, the arch), so a rerun after a fix recompiles only what changed."""
-    import triton
-
-    text = repr((triton.__version__, sorted((k, repr(v)) for k, v in job.items() if k != "roles")))
-    return Path(results_dir) / (hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
-
-
 def ledger_key(job):
-    """The key of a job in a checked-in ledger: the hash of everything the compile depends on, like
-    ``_result_path``, but with the machine-specific part (the venv path of libdevice in ``extern_libs``)
-    reduced to the file name, so that a ledger written here is found by CI's clean checkout elsewhere."""
+    """The hash of everything a compile depends on (triton version, the kernel's source and its callees'
+    (JITFunction.cache_key, which counts source lines too), the specialisation, the options, the arch),
+    with the machine-specific part (the venv path of libdevice in ``extern_libs``) reduced to the file
+    name, so that a ledger written here is found by CI's clean checkout elsewhere."""
     import triton
 
     items = {k: v for k, v in job.items() if k != "roles"}
@@ -240,6 +231,12 @@ def ledger_key(job):
     items["options"] = options
     text = repr((triton.__version__, sorted((k, repr(v)) for k, v in items.items())))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _result_path(job, results_dir):
+    """Where a job's result is kept between runs on this machine: named by :func:`ledger_key`, so a rerun
+    after a fix recompiles only what changed, whichever venv of the same triton version runs it."""
+    return Path(results_dir) / (ledger_key(job) + ".json")
 
 
 def load_ledger(path):
