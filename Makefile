@@ -48,7 +48,7 @@ bench: setup
 	$(BIN)/python -m pytest benchmarks -q --benchmark-enable -p no:cacheprovider
 
 clean:
-	rm -rf build $(VENV) tunefast/*.so
+	rm -rf build $(VENV) $(VENV36) tunefast/*.so
 
 # GPU readiness without a GPU (benchmarks/aot.py): compile every Triton kernel of kernels/ with every
 # config its launcher can choose, and csrc/*.cu (nvcc -Xptxas -v), for sm_80 / sm_89 / sm_90; fails on

@@ -2,7 +2,7 @@
 launcher can choose, and csrc/*.cu with nvcc, for sm_80 (A100), sm_89 (RTX 4090) and sm_90 (H100/H200).
 
     python -m benchmarks.aot                       # the full matrix (`make gpu-aot`)
-    python -m benchmarks.aot --fixed-only --arch 90,80 --ledger L   # CI's subset (`make gpu-aot-ci`)
+    python -m benchmarks.aot --fixed-only --arch 90,80,89 --ledger L  # CI's subset (`make gpu-aot-ci`)
     python -m benchmarks.aot --device             # on a GPU: launch every fixed config once (gpu_check.sh)
 
 How it finds the work (nothing is listed here): it imports every module of kernels/, runs every
