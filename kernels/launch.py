@@ -16,6 +16,7 @@ Using it from a kernel file (kernels/lora.py is the fullest example)::
         _my_kernel,
         configs=_configs,                      # (arch, named) -> [triton.Config], before the smem rule
         smem=lambda c, named: ...,             # shared-memory estimate of one config, bytes
+        regs=None,                             # optional: registers per thread its tiles hold (tile_regs)
         fixed=lambda arch, named, fits: fits[0],   # TUNEFAST_AUTOTUNE=0 (optional; default fits[0])
         interpret=dict(BLOCK_M=32),            # the one small config under TRITON_INTERPRET=1
         prune=None,                            # optional size-based prune at autotune time (M, N)
@@ -39,7 +40,9 @@ Rules, in one place:
   * Configs: ``configs(arch, named)`` lists a kernel's candidates for that arch and this launch's dtypes
     and constexprs (``named``: every argument and meta-parameter by name). ``Kernel.choosable`` keeps
     those whose ``smem`` estimate fits ``arch.smem`` (the same rule for the autotune list and the fixed
-    config); if none fits, the smallest-smem one is kept and the AOT check reports it.
+    config); if none fits, the smallest-smem one is kept and the AOT check reports it. A kernel that
+    declares ``regs`` (the 32-bit registers per thread its fp32 tiles hold, ``tile_regs``) also loses
+    the candidates over ``TILE_REGS``: they spill whatever autotuning would time (see ``TILE_REGS``).
   * Autotune: on unless TUNEFAST_AUTOTUNE=0 (or ``set_autotune(False)``); with it off, or when only one
     config is choosable, ``fixed`` runs with no timing. Autotuners are cached per (kernel, config list).
   * Precision: fp32 dots use "tf32" exactly when torch would (``torch.get_float32_matmul_precision() !=
@@ -177,6 +180,22 @@ def pipeline_smem(config: triton.Config, *tiles: tuple[int, int], elem: int) -> 
     return max(config.num_stages - 1, 1) * sum(r * c for r, c in tiles) * elem
 
 
+# Register rule of the autotune lists: a thread has 255 registers; candidates whose fp32 tiles alone
+# (accumulators, dropout offsets and Philox words) would take more than half of them are dropped before
+# autotuning compiles them. Measured by the AOT check (triton 3.8, sm_80 / sm_90, 1,669 compiles of the
+# LoRA kernels): tiles over this estimate spilled in 55 of 104 compiles, up to 63 KB per thread (the
+# fused LoRA forward at 128 x 128 on 4 warps holds two such accumulators: 256 registers); under it, 1 of
+# 90 spilled, 12 B. Spilling candidates cost first-call tuning time (a compile each, 5-15 s here) and
+# never win.
+TILE_REGS = 128
+
+
+def tile_regs(config: triton.Config, rows: int, cols: int, count: float = 1.0, elem: int = 4) -> float:
+    """32-bit registers per thread that ``count`` (rows x cols) tiles of ``elem``-byte values take when
+    spread over the config's warps (an estimate: the compiler may keep fewer live)."""
+    return count * rows * cols * elem / (4 * 32 * config.num_warps)
+
+
 def matmul_configs(tiles, group_m: int = 8) -> list:
     """Configs of a GEMM-tiled kernel from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) rows."""
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group_m), num_stages=s, num_warps=w)
@@ -231,12 +250,13 @@ class Kernel:
     """One ``@triton.jit`` kernel with its launch policy (see the module docstring for each argument)."""
 
     def __init__(self, fn, *, configs, smem, interpret: dict, fixed=None, prune=None, restore=(),
-                 key=("size_key",), options=None):
+                 key=("size_key",), options=None, regs=None):
         self.fn = fn
         self.name = fn.__name__
         self.arg_names = list(fn.arg_names)
         self.configs = configs
         self.smem = smem
+        self.regs = regs
         self.interpret = interpret  # mutable on purpose: tests vary the interpreter's tile
         self.fixed = fixed
         self.prune = prune
@@ -251,10 +271,16 @@ class Kernel:
         return {**dict(zip(self.arg_names, args)), **meta}
 
     def choosable(self, arch: Arch, named: dict) -> list:
-        """The configs that may run on ``arch`` for this launch: the candidates whose shared memory fits."""
+        """The configs that may run on ``arch`` for this launch: the candidates whose shared memory fits
+        and, for a kernel with a ``regs`` estimate, whose tiles fit ``TILE_REGS`` (if none does, the one
+        holding the fewest registers)."""
         candidates = self.configs(arch, named)
         fits = [c for c in candidates if self.smem(c, named) <= arch.smem]
-        return fits or [min(candidates, key=lambda c: self.smem(c, named))]
+        fits = fits or [min(candidates, key=lambda c: self.smem(c, named))]
+        if self.regs is None:
+            return fits
+        lean = [c for c in fits if self.regs(c, named) <= TILE_REGS]
+        return lean or [min(fits, key=lambda c: self.regs(c, named))]
 
     def fixed_config(self, arch: Arch, named: dict, fits: list) -> triton.Config:
         return self.fixed(arch, named, fits) if self.fixed is not None else fits[0]

@@ -142,8 +142,7 @@ def _fixed(arch, named, fits):
     # on 4 warps was clean for every fp32 launch on sm_80 / sm_89 / sm_90 (triton 3.8's ptxas). The dropout
     # matmul draws its mask inside the K loop (Philox words live per element of the x tile): there the
     # clean tiles were 64 x 64 x 16 for fp32 operands and 32 x 64 x 32 for upcast bf16 ones.
-    fp32 = named.get("UPCAST", False) or named.get("UPCAST_MAIN", False) or named.get("UPCAST_LR", False) or \
-        named["a_ptr"].element_size() == 4 or named.get("l_ptr", named["a_ptr"]).element_size() == 4
+    fp32 = _fp32_operands(named)
     if not fp32:  # fp16 / bf16: on 4 warps the epilogue-only launch (rank <= 16) spilled 12 B on sm_80
         return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=8, num_stages=3)
     if named.get("DROP_A") or named.get("DROP_B"):
@@ -158,6 +157,36 @@ def _fixed(arch, named, fits):
         # (2 stages: 76 registers, clean)
         return triton.Config(dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=2)
     return triton.Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
+
+
+def _fp32_operands(named):
+    """Whether a launch stages fp32 operands (fp32 tensors, or bf16 ones upcast next to fp32 adapters)."""
+    return bool(named.get("UPCAST", False) or named.get("UPCAST_MAIN", False) or named.get("UPCAST_LR", False)
+                or named["a_ptr"].element_size() == 4 or named.get("l_ptr", named["a_ptr"]).element_size() == 4)
+
+
+def _linear_regs(c, named):
+    # fp32 (BLOCK_M x BLOCK_N) tiles live at once: the main accumulator, the low-rank one, and with dropout
+    # the int64 offsets and Philox words of the keep mask (~2 tiles more); fp32 operands about double the
+    # rest (AOT: fp32 64 x 64 on 4 warps spilled 12-20 B where fp16 held ~170 registers). At least two
+    # tiles: one accumulator of more than 64 registers per thread spilled in the epilogue-only launch too.
+    acc = launch.tile_regs(c, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+    tiles = max(2, 1 + bool(named["HAS_MAIN"]) + 2 * bool(named["DROPOUT"]))
+    return tiles * acc * (2 if _fp32_operands(named) else 1)
+
+
+def _matmul_regs(c, named):
+    # One accumulator (counted twice, as above) plus, with a keep mask, the masked x tile's offsets and
+    # Philox words (AOT, sm_80 fp16: 128 x 32 x 64 on 4 warps, x tile 64 values per thread, spilled 1.3 KB;
+    # 128 x 64 x 32, 32 per thread, held 162 registers, clean).
+    kw = c.kwargs
+    acc = launch.tile_regs(c, kw["BLOCK_M"], kw["BLOCK_N"])
+    if named["DROP_A"] or named["DROP_B"]:
+        x = kw["BLOCK_M"] * kw["BLOCK_K"] if named["DROP_A"] else kw["BLOCK_K"] * kw["BLOCK_N"]
+        regs = max(2 * acc, acc + 2 * launch.tile_regs(c, x, 1))
+    else:
+        regs = 2 * acc
+    return regs * (2 if _fp32_operands(named) else 1)
 
 
 def _linear_smem(c, named):
@@ -189,11 +218,11 @@ _PRUNE = launch.prune_to_sizes(BLOCK_M="M", BLOCK_N="N")
 _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
 _LINEAR = launch.Kernel(
-    _lora_linear_kernel, configs=_configs, smem=_linear_smem, fixed=_fixed, prune=_PRUNE,
+    _lora_linear_kernel, configs=_configs, smem=_linear_smem, regs=_linear_regs, fixed=_fixed, prune=_PRUNE,
     interpret=_INTERPRET_META, restore=["c_ptr"],  # ACCUMULATE reads c: every trial starts from the same c
 )
 _MATMUL = launch.Kernel(
-    _dropout_matmul_kernel, configs=_configs, smem=_matmul_smem, fixed=_fixed, prune=_PRUNE,
+    _dropout_matmul_kernel, configs=_configs, smem=_matmul_smem, regs=_matmul_regs, fixed=_fixed, prune=_PRUNE,
     interpret=_INTERPRET_META,
 )
 

@@ -68,23 +68,64 @@ def test_capture_does_not_nest_and_restores_the_cpu_path():
     assert not launch.on_gpu(torch.zeros(1))
 
 
-def test_lora_tiles_too_big_for_an_arch_are_not_choosable_there():
+def _lora_choosable(dtype, **kw):
+    """{arch: (choosable config names, the Captured)} of one fused LoRA forward launch (rank 16)."""
     from tunefast.kernels import lora as kl
 
-    x, w = torch.empty(64, 256), torch.empty(192, 256)
-    xa, b = torch.empty(64, 16), torch.empty(192, 16)
-    choosable = {}
+    x, w = torch.empty(64, 256, dtype=dtype), torch.empty(192, 256, dtype=dtype)
+    xa, b = torch.empty(64, 16, dtype=dtype), torch.empty(192, 16, dtype=dtype)
+    out = {}
     for cap in (80, 89, 90):
         with launch.capture(launch.ARCHES[cap]) as launches:
-            kl.lora_linear(torch.empty(64, 192), x, w.t(), None, xa, b.t(), 1.0)
-        c = launches[0]
-        choosable[cap] = {launch.config_name(cfg) for cfg in c.choosable}
+            kl.lora_linear(torch.empty(64, 192, dtype=dtype), x, w.t(), None, xa, b.t(), 1.0, **kw)
+        out[cap] = ({launch.config_name(cfg) for cfg in launches[0].choosable}, launches[0])
+    return out
+
+
+def test_lora_tiles_too_big_for_an_arch_are_not_choosable_there():
+    choosable = _lora_choosable(torch.float32)
+    for cap, (names, c) in choosable.items():
         named = c.kernel.named(c.args, c.meta)
         assert all(c.kernel.smem(cfg, named) <= launch.ARCHES[cap].smem for cfg in c.choosable)
-    # 128 x 256 x 64 in fp32, 2 buffers of (128 x 64 + 64 x 256) x 4 B: 192 KiB, H200 only
-    big = "BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 GROUP_M=8 w8 s3"
-    assert big in choosable[90] and big not in choosable[80] and big not in choosable[89]
-    assert len(choosable[89]) < len(choosable[80]) < len(choosable[90])
+    # 64 x 16 x 128 in fp32, 3 buffers of (64 x 128 + 128 x 16) x 4 B: 120 KiB, over the RTX 4090's 99
+    big = "BLOCK_M=64 BLOCK_N=16 BLOCK_K=128 GROUP_M=8 w4 s4"
+    assert big in choosable[90][0] and big in choosable[80][0] and big not in choosable[89][0]
+    assert len(choosable[89][0]) < len(choosable[80][0]) == len(choosable[90][0])
+
+
+def test_register_rule_drops_tiles_that_spill_from_the_autotune_list_only():
+    # The fused forward holds two fp32 (BLOCK_M x BLOCK_N) accumulators: 128 x 128 on 4 warps is 256
+    # registers per thread (AOT: spilled up to 63 KB), 64 x 64 on 4 warps 64.
+    fp16, fp32 = _lora_choosable(torch.float16), _lora_choosable(torch.float32)
+    fp16_drop = _lora_choosable(torch.float16, seed=torch.zeros(1, dtype=torch.int64), threshold=1 << 30)
+    for got in (fp16, fp32, fp16_drop):
+        for names, c in got.values():
+            named = c.kernel.named(c.args, c.meta)
+            assert c.choosable and all(c.kernel.regs(cfg, named) <= launch.TILE_REGS for cfg in c.choosable)
+            assert "BLOCK_M=128 BLOCK_N=128 BLOCK_K=32 GROUP_M=8 w4 s4" not in names
+    # fp16: 128 x 64 (2 tiles x 64 registers) stays; fp32 operands count double, dropout's mask 2 tiles more
+    assert "BLOCK_M=128 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 w4 s4" in fp16[90][0]
+    assert "BLOCK_M=128 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 w4 s4" not in fp32[90][0]
+    assert "BLOCK_M=128 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 w4 s4" not in fp16_drop[90][0]
+    assert fp16_drop[90][0] < fp16[90][0] and fp32[90][0] < fp16[90][0]
+    # the fixed config (TUNEFAST_AUTOTUNE=0) is its own rule, checked clean by the AOT check
+    assert launch.config_name(fp16[90][1].fixed) == "BLOCK_M=64 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 w8 s3"
+
+
+def test_register_rule_keeps_the_leanest_when_none_fits():
+    def toy(cols):  # BLOCK x cols fp32 values over 4 warps: 4096 / 1024 / 256 rows -> 32 / 8 / 2 x cols
+        return launch.Kernel(_scale_kernel, configs=_configs, smem=lambda c, named: 0, interpret=dict(BLOCK=64),
+                             regs=lambda c, named: launch.tile_regs(c, c.kwargs["BLOCK"], cols))
+
+    named = dict(x_ptr=None)
+    try:
+        wide, narrow = toy(64), toy(2)
+        assert [c.kwargs["BLOCK"] for c in wide.choosable(launch.ARCHES[90], named)] == [256]  # 128 registers
+        assert [c.kwargs["BLOCK"] for c in narrow.choosable(launch.ARCHES[90], named)] == [4096, 1024, 256]
+        assert [c.kwargs["BLOCK"] for c in toy(512).choosable(launch.ARCHES[90], named)] == [256]  # 1024: leanest
+    finally:
+        del launch.KERNELS[-3:]
+    assert launch.tile_regs(triton.Config({}, num_warps=4), 64, 64, count=2, elem=2) == 32
 
 
 def test_precision_follows_torch_on_a_gpu_only():
