@@ -272,15 +272,18 @@ class Kernel:
 
     def choosable(self, arch: Arch, named: dict) -> list:
         """The configs that may run on ``arch`` for this launch: the candidates whose shared memory fits
-        and, for a kernel with a ``regs`` estimate, whose tiles fit ``TILE_REGS`` (if none does, the one
-        holding the fewest registers)."""
+        and, for a kernel with a ``regs`` estimate, whose tiles fit ``TILE_REGS``. If none fits the
+        registers: the fixed config alone (the one the AOT check holds to zero spills), or without a
+        ``fixed`` rule the candidate holding the fewest."""
         candidates = self.configs(arch, named)
         fits = [c for c in candidates if self.smem(c, named) <= arch.smem]
         fits = fits or [min(candidates, key=lambda c: self.smem(c, named))]
         if self.regs is None:
             return fits
         lean = [c for c in fits if self.regs(c, named) <= TILE_REGS]
-        return lean or [min(fits, key=lambda c: self.regs(c, named))]
+        if lean:
+            return lean
+        return [self.fixed(arch, named, fits)] if self.fixed is not None else [min(fits, key=lambda c: self.regs(c, named))]
 
     def fixed_config(self, arch: Arch, named: dict, fits: list) -> triton.Config:
         return self.fixed(arch, named, fits) if self.fixed is not None else fits[0]

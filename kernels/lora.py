@@ -131,8 +131,14 @@ _TILES = [
 ]
 
 
+# Lean tiles for launches that stage fp32 operands (fp32, or bf16 with fp32 adapters): of _TILES only
+# 64 x 16 x 128 passes the register rule there, so these give autotuning a choice (32 x 64 x 32 on 4 warps
+# is the fixed fp32 config, clean in every AOT case).
+_FP32_TILES = [(32, 64, 32, 3, 4), (64, 32, 32, 3, 4), (64, 64, 32, 3, 8), (32, 32, 64, 3, 4)]
+
+
 def _configs(arch, named):
-    return launch.matmul_configs(_TILES)
+    return launch.matmul_configs(_TILES + (_FP32_TILES if _fp32_operands(named) else []))
 
 
 def _fixed(arch, named, fits):
@@ -165,28 +171,42 @@ def _fp32_operands(named):
                 or named["a_ptr"].element_size() == 4 or named.get("l_ptr", named["a_ptr"]).element_size() == 4)
 
 
+def _operand_regs(c, fp32_tiles):
+    # fp32 operand tiles go through registers for the dot (fp16 / bf16 ones did not add to the fit below):
+    # 2 registers per value of the larger K-step tile pair staged in fp32, e.g. 32 x 64 x 64 on 2 warps: 2 x 96.
+    return 2 * max([launch.tile_regs(c, values, 1) for values in fp32_tiles] or [0])
+
+
+# Register estimates (launch.TILE_REGS), fitted to 1,248 AOT compiles of these two kernels' autotune
+# candidates (triton 3.8, sm_80 / sm_90, fp16 / bf16 / fp32 / bf16 with fp32 adapters): of the candidates
+# they keep, 43 of 917 spilled, at most 232 B per thread; of those they drop, 274 of 331 spilled, up to
+# 63 KB.
 def _linear_regs(c, named):
     # fp32 (BLOCK_M x BLOCK_N) tiles live at once: the main accumulator, the low-rank one, and with dropout
-    # the int64 offsets and Philox words of the keep mask (~2 tiles more); fp32 operands about double the
-    # rest (AOT: fp32 64 x 64 on 4 warps spilled 12-20 B where fp16 held ~170 registers). At least two
-    # tiles: one accumulator of more than 64 registers per thread spilled in the epilogue-only launch too.
-    acc = launch.tile_regs(c, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+    # the int64 offsets and Philox words of the keep mask (2 tiles more); at least two (one accumulator of
+    # more than 64 registers per thread spilled in the epilogue-only launch too).
+    kw = c.kwargs
+    m, n, k, r = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], named["BLOCK_R"]
     tiles = max(2, 1 + bool(named["HAS_MAIN"]) + 2 * bool(named["DROPOUT"]))
-    return tiles * acc * (2 if _fp32_operands(named) else 1)
+    fp32 = []  # the K-step tile pairs staged in fp32: the main one (fp32 x or W) and / or the low-rank one
+    if named["HAS_MAIN"] and (named["UPCAST_MAIN"] or named["a_ptr"].element_size() == 4):
+        fp32.append(m * k + k * n)
+    if named["UPCAST_LR"] or named["l_ptr"].element_size() == 4:
+        fp32.append(m * r + r * n)
+    return tiles * launch.tile_regs(c, m, n) + _operand_regs(c, fp32)
 
 
 def _matmul_regs(c, named):
     # One accumulator (counted twice, as above) plus, with a keep mask, the masked x tile's offsets and
-    # Philox words (AOT, sm_80 fp16: 128 x 32 x 64 on 4 warps, x tile 64 values per thread, spilled 1.3 KB;
-    # 128 x 64 x 32, 32 per thread, held 162 registers, clean).
+    # Philox words, 2 per value (sm_80 fp16: 128 x 32 x 64 on 4 warps, 64 x values per thread, spilled
+    # 1.3 KB; 128 x 64 x 32, 32 per thread, held 162 registers, clean).
     kw = c.kwargs
-    acc = launch.tile_regs(c, kw["BLOCK_M"], kw["BLOCK_N"])
+    m, n, k = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    acc = launch.tile_regs(c, m, n)
+    regs = 2 * acc
     if named["DROP_A"] or named["DROP_B"]:
-        x = kw["BLOCK_M"] * kw["BLOCK_K"] if named["DROP_A"] else kw["BLOCK_K"] * kw["BLOCK_N"]
-        regs = max(2 * acc, acc + 2 * launch.tile_regs(c, x, 1))
-    else:
-        regs = 2 * acc
-    return regs * (2 if _fp32_operands(named) else 1)
+        regs = max(regs, acc + 2 * launch.tile_regs(c, m * k if named["DROP_A"] else k * n, 1))
+    return regs + _operand_regs(c, [m * k + k * n] if _fp32_operands(named) else [])
 
 
 def _linear_smem(c, named):

@@ -82,18 +82,21 @@ def _lora_choosable(dtype, **kw):
     return out
 
 
-def test_lora_tiles_too_big_for_an_arch_are_not_choosable_there():
-    choosable = _lora_choosable(torch.float32)
-    for cap, (names, c) in choosable.items():
-        named = c.kernel.named(c.args, c.meta)
-        assert all(c.kernel.smem(cfg, named) <= launch.ARCHES[cap].smem for cfg in c.choosable)
-    # 64 x 16 x 128 in fp32, 3 buffers of (64 x 128 + 128 x 16) x 4 B: 120 KiB, over the RTX 4090's 99
-    big = "BLOCK_M=64 BLOCK_N=16 BLOCK_K=128 GROUP_M=8 w4 s4"
-    assert big in choosable[90][0] and big in choosable[80][0] and big not in choosable[89][0]
-    assert len(choosable[89][0]) < len(choosable[80][0]) == len(choosable[90][0])
+def test_lora_choosable_tiles_fit_each_archs_shared_memory():
+    for dtype in (torch.float32, torch.float16):
+        choosable = _lora_choosable(dtype)
+        for cap, (names, c) in choosable.items():
+            named = c.kernel.named(c.args, c.meta)
+            assert all(c.kernel.smem(cfg, named) <= launch.ARCHES[cap].smem for cfg in c.choosable)
+            every = {launch.config_name(cfg) for cfg in c.kernel.configs(c.arch, named)}
+            assert names < every  # the register rule dropped some
+        # the register rule binds first: the tiles it keeps fit even the RTX 4090's 99 KiB
+        assert choosable[80][0] == choosable[89][0] == choosable[90][0]
 
 
 def test_register_rule_drops_tiles_that_spill_from_the_autotune_list_only():
+    from tunefast.kernels import lora as kl
+
     # The fused forward holds two fp32 (BLOCK_M x BLOCK_N) accumulators: 128 x 128 on 4 warps is 256
     # registers per thread (AOT: spilled up to 63 KB), 64 x 64 on 4 warps 64.
     fp16, fp32 = _lora_choosable(torch.float16), _lora_choosable(torch.float32)
@@ -107,7 +110,9 @@ def test_register_rule_drops_tiles_that_spill_from_the_autotune_list_only():
     assert "BLOCK_M=128 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 w4 s4" in fp16[90][0]
     assert "BLOCK_M=128 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 w4 s4" not in fp32[90][0]
     assert "BLOCK_M=128 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 w4 s4" not in fp16_drop[90][0]
-    assert fp16_drop[90][0] < fp16[90][0] and fp32[90][0] < fp16[90][0]
+    assert fp16_drop[90][0] < fp16[90][0]
+    # fp32 operands: only the lean fp32 tiles pass (the fixed one among them), so autotuning still chooses
+    assert fp32[90][0] == {launch.config_name(c) for c in launch.matmul_configs(kl._FP32_TILES)}
     # the fixed config (TUNEFAST_AUTOTUNE=0) is its own rule, checked clean by the AOT check
     assert launch.config_name(fp16[90][1].fixed) == "BLOCK_M=64 BLOCK_N=64 BLOCK_K=32 GROUP_M=8 w8 s3"
 
@@ -123,8 +128,12 @@ def test_register_rule_keeps_the_leanest_when_none_fits():
         assert [c.kwargs["BLOCK"] for c in wide.choosable(launch.ARCHES[90], named)] == [256]  # 128 registers
         assert [c.kwargs["BLOCK"] for c in narrow.choosable(launch.ARCHES[90], named)] == [4096, 1024, 256]
         assert [c.kwargs["BLOCK"] for c in toy(512).choosable(launch.ARCHES[90], named)] == [256]  # 1024: leanest
+        with_fixed = toy(512)
+        lone = triton.Config(dict(BLOCK=64), num_warps=4, num_stages=2)
+        with_fixed.fixed = lambda arch, named, fits: lone
+        assert with_fixed.choosable(launch.ARCHES[90], named) == [lone]  # none fits: the fixed config alone
     finally:
-        del launch.KERNELS[-3:]
+        del launch.KERNELS[-4:]
     assert launch.tile_regs(triton.Config({}, num_warps=4), 64, 64, count=2, elem=2) == 32
 
 
