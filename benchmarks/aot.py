@@ -186,8 +186,43 @@ def _worker_init(cache_dir):
     knobs.compilation.always_compile = True  # the log exists only when ptxas runs
 
 
+class _Stopped(Exception):
+    """Raised by the stage after which a job's compile stops (``until``), carrying its metadata."""
+
+
+@contextlib.contextmanager
+def _stop_after(stage):
+    """Make ``triton.compile`` stop after ``stage`` (e.g. "llir": shared memory is allocated there, and
+    ``metadata["shared"]`` is final; ptx and ptxas are the rest, 45-70% of a compile here)."""
+    if not stage:
+        yield
+        return
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    original = CUDABackend.add_stages
+
+    def add_stages(self, stages, options, *args, **kwargs):
+        original(self, stages, options, *args, **kwargs)
+        run = stages[stage]
+
+        def last(src, metadata):
+            run(src, metadata)
+            raise _Stopped(metadata)
+
+        stages[stage] = last
+        for later in list(stages)[list(stages).index(stage) + 1:]:
+            del stages[later]
+
+    CUDABackend.add_stages = add_stages
+    try:
+        yield
+    finally:
+        CUDABackend.add_stages = original
+
+
 def compile_job(job):
-    """registers, spill bytes (stores + loads), shared memory, error of one job."""
+    """registers, spill bytes (stores + loads), shared memory, error of one job (a job with ``until``
+    stops after that stage: shared memory only, registers and spills None)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -197,8 +232,11 @@ def compile_job(job):
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(log), _stop_after(job.get("until")):
             kernel = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+    except _Stopped as stop:
+        return dict(regs=None, spill=None, smem=int(stop.args[0]["shared"]), until=job["until"],
+                    seconds=round(time.perf_counter() - t0, 2), error=None)
     except Exception as e:
         first = str(e).strip().splitlines()
         return dict(error=f"{type(e).__name__}: {first[0] if first else ''}"[:300], seconds=time.perf_counter() - t0)
@@ -384,6 +422,8 @@ def verdict(row):
         return "ERROR"
     if row["smem"] > row["arch_smem"]:
         return "SMEM"
+    if row.get("until"):
+        return f"ok(smem; to {row['until']})"
     if row["spill"] and "fixed" in row["roles"]:
         return "SPILL"
     if row["spill"]:
@@ -397,7 +437,7 @@ def print_table(rows, cuda_rows, out=sys.stdout):
     print(head, file=out)
     for r in sorted(rows, key=lambda r: (r["kernel"], r["dtypes"], r["case"], r["arch"], r["config"])):
         print(f"{r['kernel'][:28]:28} {r['dtypes'][:16]:16} {r['case'][:44]:44} {r['config'][:44]:44} "
-              f"{'+'.join(sorted(r['roles'])):10} sm{r['arch']:<3} {r.get('regs') or '-':>4} {r.get('spill', '-'):>6} "
+              f"{'+'.join(sorted(r['roles'])):10} sm{r['arch']:<3} {r.get('regs') or '-':>4} {'-' if r.get('spill') is None else r['spill']:>6} "
               f"{r.get('smem', '-'):>7} {r['verdict']}" + (f"  {r['error']}" if r.get("error") else ""), file=out)
     for r in cuda_rows:
         v = "ERROR" if r.get("error") else ("SPILL" if r["spill"] else "ok")
@@ -467,6 +507,9 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per compile before it counts as failed")
     ap.add_argument("--kernel", default="", help="only kernels whose name contains one of these comma-separated strings (skips the coverage check)")
     ap.add_argument("--no-reuse", action="store_true", help="recompile results kept from earlier runs")
+    ap.add_argument("--smem-only-autotune", action="store_true",
+                    help="compile autotune-only configs to LLVM IR only: their shared memory (what fails them) is "
+                         "measured, their registers and spills are not (2-3x faster; for a second triton version)")
     ap.add_argument("--ledger", default="",
                     help="a checked-in JSON of earlier results: jobs with the same compile inputs are taken from it")
     ap.add_argument("--write-ledger", action="store_true", help="write this run's results as the --ledger file")
@@ -486,6 +529,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     modules, import_errors = discover()
     jobs, captured = build_jobs(arches, args.fixed_only, args.kernel)
+    if args.smem_only_autotune:
+        for job in jobs:
+            if job["roles"] == {"auto"}:
+                job["until"] = "llir"  # part of the job, so of its cache key too: a full compile is not mistaken for it
     uncovered = [] if args.kernel else coverage(modules, captured)
     print(f"triton {triton.__version__}: {len(jobs)} compiles for sm_{', sm_'.join(map(str, arches))} "
           f"({len(captured)} kernels captured in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
@@ -508,7 +555,8 @@ def main(argv=None):
     summary = summarize(rows, cuda_rows, uncovered, import_errors)
     summary.update(from_ledger=sum(1 for r in results if r and r.get("source") == "ledger"))
     summary.update(seconds=round(time.perf_counter() - t0), triton=triton.__version__, arches=arches,
-                   fixed_only=args.fixed_only, python=platform.python_version())
+                   fixed_only=args.fixed_only, smem_only_autotune=args.smem_only_autotune,
+                   python=platform.python_version())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scope = "fixed" if args.fixed_only else "full"

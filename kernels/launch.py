@@ -181,12 +181,10 @@ def pipeline_smem(config: triton.Config, *tiles: tuple[int, int], elem: int) -> 
 
 
 # Register rule of the autotune lists: a thread has 255 registers; candidates whose fp32 tiles alone
-# (accumulators, dropout offsets and Philox words) would take more than half of them are dropped before
-# autotuning compiles them. Measured by the AOT check (triton 3.8, sm_80 / sm_90, 1,669 compiles of the
-# LoRA kernels): tiles over this estimate spilled in 55 of 104 compiles, up to 63 KB per thread (the
-# fused LoRA forward at 128 x 128 on 4 warps holds two such accumulators: 256 registers); under it, 1 of
-# 90 spilled, 12 B. Spilling candidates cost first-call tuning time (a compile each, 5-15 s here) and
-# never win.
+# (accumulators, dropout offsets and Philox words, fp32-staged operands) would take more than half of
+# them are dropped before autotuning compiles them. Spilling candidates cost first-call tuning time (a
+# compile each, 5-15 s on this project's CPU box) and never win. The estimates are per kernel (``regs=``),
+# fitted to AOT results; kernels/lora.py gives the numbers.
 TILE_REGS = 128
 
 

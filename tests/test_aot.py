@@ -225,3 +225,34 @@ def test_the_checked_in_ledger_covers_ci_scope(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["jobs"] > 1000 and out["n_missing"] == 0, f"{out['n_missing']} compiles not in the ledger: {out['missing']}"
+
+
+_UNTIL = r"""
+import copy, json, sys
+import benchmarks.aot as aot
+
+aot.discover()
+jobs, _ = aot.build_jobs([90, 80], False, "_lce_fwd")
+jobs = [j for j in jobs if j["roles"] == {"auto"}][:2]
+stopped = [dict(copy.deepcopy(j), until="llir") for j in jobs]
+full = aot.run_jobs(jobs, 1, 300, sys.argv[1], None, progress=False)
+smem = aot.run_jobs(stopped, 1, 300, sys.argv[1], None, progress=False)
+row = dict(smem[0], roles={"auto"}, arch_smem=10**6)
+verdicts = [aot.verdict(row), aot.verdict(dict(row, arch_smem=0))]
+print(json.dumps(dict(full=full, smem=smem, keys_differ=aot.ledger_key(jobs[0]) != aot.ledger_key(stopped[0]),
+                      verdicts=verdicts)))
+"""
+
+
+def test_smem_only_autotune_measures_the_same_shared_memory_without_ptxas(tmp_path):
+    """--smem-only-autotune (the second triton version's full matrix): stopping after LLVM IR gives the
+    compiled kernel's own shared memory, reports no registers or spills, and is cached apart from a full
+    compile."""
+    proc = _run(["-c", _UNTIL, str(tmp_path / "triton")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["full"]) == 2 and all(r["regs"] > 0 for r in out["full"])
+    assert [r["smem"] for r in out["smem"]] == [r["smem"] for r in out["full"]]
+    assert all(r["regs"] is None and r["spill"] is None and r["until"] == "llir" for r in out["smem"])
+    assert out["keys_differ"]
+    assert out["verdicts"] == ["ok(smem; to llir)", "SMEM"]
