@@ -445,6 +445,26 @@ def print_table(rows, cuda_rows, out=sys.stdout):
               f"{r.get('regs', '-'):>4} {r.get('spill', '-'):>6} {r.get('smem', '-'):>7} {v}", file=out)
 
 
+def per_kernel(rows):
+    """{kernel: compiles, fixed/autotune spills, largest autotune spill, shared memory over / largest
+    fraction of the arch's limit} over the rows: the before/after figures of a config change."""
+    out = {}
+    for r in rows:
+        k = out.setdefault(r["kernel"], dict(compiles=0, fixed_spills=0, autotune_spills=0, max_autotune_spill=0,
+                                             smem_over=0, max_smem_fraction=0.0, errors=0))
+        k["compiles"] += 1
+        if r.get("error"):
+            k["errors"] += 1
+            continue
+        if r.get("spill"):
+            k["fixed_spills" if "fixed" in r["roles"] else "autotune_spills"] += 1
+            if "fixed" not in r["roles"]:
+                k["max_autotune_spill"] = max(k["max_autotune_spill"], r["spill"])
+        k["smem_over"] += r["smem"] > r["arch_smem"]
+        k["max_smem_fraction"] = round(max(k["max_smem_fraction"], r["smem"] / r["arch_smem"]), 3)
+    return dict(sorted(out.items()))
+
+
 def summarize(rows, cuda_rows, uncovered, import_errors):
     counts = {}
     for r in rows:
@@ -452,8 +472,8 @@ def summarize(rows, cuda_rows, uncovered, import_errors):
     cuda_bad = [r for r in cuda_rows if r.get("error") or r.get("spill")]
     failed = any(r["verdict"] in ("ERROR", "SMEM", "SPILL") for r in rows) or bool(uncovered) or bool(
         import_errors) or bool(cuda_bad)
-    return dict(verdicts=counts, unchecked_jit_functions=uncovered, import_errors=import_errors,
-                cuda_failures=len(cuda_bad), failed=failed)
+    return dict(verdicts=counts, per_kernel=per_kernel(rows), unchecked_jit_functions=uncovered,
+                import_errors=import_errors, cuda_failures=len(cuda_bad), failed=failed)
 
 
 def device_twin():
@@ -562,7 +582,12 @@ def main(argv=None):
     scope = "fixed" if args.fixed_only else "full"
     path = out / f"aot-triton{triton.__version__}-{scope}{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(dict(summary=summary, rows=rows, cuda=cuda_rows), indent=1, default=str) + "\n")
-    print(json.dumps(summary, indent=1), file=sys.stderr)
+    print(f"{'kernel':28} {'compiles':>8} {'fixed spills':>12} {'autotune spills':>15} {'max (B)':>8} "
+          f"{'smem over':>9} {'max smem/limit':>14}", file=sys.stderr)
+    for name, k in summary["per_kernel"].items():
+        print(f"{name[:28]:28} {k['compiles']:>8} {k['fixed_spills']:>12} {k['autotune_spills']:>15} "
+              f"{k['max_autotune_spill']:>8} {k['smem_over']:>9} {k['max_smem_fraction']:>14}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_kernel"}, indent=1), file=sys.stderr)
     for name in uncovered:
         print(f"NOT CHECKED: @triton.jit {name} was neither compiled nor called by a compiled kernel "
               "(launch it through kernels/launch.py and register an AOT example)", file=sys.stderr)
