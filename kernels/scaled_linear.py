@@ -116,8 +116,14 @@ _TILES = [
 ]
 
 
+# fp32-staged operands: of _TILES only 64 x 64 x 32 passes the register rule (_regs), so two lean tiles
+# more give autotuning a choice.
+_FP32_TILES = [(32, 64, 32, 3, 4), (64, 32, 32, 3, 4)]
+
+
 def _configs(arch, named):
-    return launch.matmul_configs(_TILES)
+    fp32 = named["UPCAST"] or named["w_ptr"].element_size() == 4
+    return launch.matmul_configs(_TILES + (_FP32_TILES if fp32 else []))
 
 
 def _fixed(arch, named, fits):
@@ -129,6 +135,19 @@ def _fixed(arch, named, fits):
         ("dl_ptr" in named and named["scale_ptr"].element_size() == 4)
     return triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=8 if fp32 else 4,
                          num_stages=3)
+
+
+def _regs(c, named):
+    # launch.TILE_REGS: one fp32 accumulator plus, for fp32-staged operands, 2 registers per value of the
+    # K-step tile pair (the LoRA kernels' fitted rule, kernels/lora.py). AOT (triton 3.8, sm_80): fp32
+    # 64 x 64 x 64 on 4 warps (32 + 128) spilled 16.6 KB, 128 x 64 x 32 (64 + 96) 80 B; fp16 / bf16
+    # tiles up to 256 x 128 on 8 warps (128) spilled at most 128 B.
+    kw = c.kwargs
+    m, n, k = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    regs = launch.tile_regs(c, m, n)
+    if named["UPCAST"] or named["w_ptr"].element_size() == 4:
+        regs += 2 * launch.tile_regs(c, m * k + k * n, 1)
+    return regs
 
 
 def _smem(c, named):
@@ -143,10 +162,10 @@ def _smem(c, named):
 
 _INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
-_FWD = launch.Kernel(_scaled_linear_fwd_kernel, configs=_configs, smem=_smem, fixed=_fixed,
+_FWD = launch.Kernel(_scaled_linear_fwd_kernel, configs=_configs, smem=_smem, regs=_regs, fixed=_fixed,
                      prune=launch.prune_to_sizes(BLOCK_M="M", BLOCK_N="N"), interpret=_INTERPRET_META)
 # The backward's output tiles are (tokens M, features K): BLOCK_N tiles K (N is its reduction).
-_BWD = launch.Kernel(_scaled_linear_bwd_kernel, configs=_configs, smem=_smem, fixed=_fixed,
+_BWD = launch.Kernel(_scaled_linear_bwd_kernel, configs=_configs, smem=_smem, regs=_regs, fixed=_fixed,
                      prune=launch.prune_to_sizes(BLOCK_M="M", BLOCK_N="K"), interpret=_INTERPRET_META,
                      restore=["dl_ptr"])  # a trial with a smaller BLOCK_M writes rows the chosen one would not
 
@@ -174,7 +193,7 @@ def scaled_linear_bwd(dy, weight, x, scale, need_dx, need_dl):
     if M == 0 or K == 0:
         return dx, torch.zeros_like(scale) if need_dl else None
     # one fp32 row of partial dl per token block; sized for the smallest BLOCK_M any config may pick
-    blocks = triton.cdiv(M, 32 if not launch.on_gpu(dy) else min(t[0] for t in _TILES))
+    blocks = triton.cdiv(M, 32 if not launch.on_gpu(dy) else min(t[0] for t in _TILES + _FP32_TILES))
     partial = torch.zeros((blocks, K), device=dy.device, dtype=torch.float32) if need_dl else dy
     out = dx if need_dx else dy
     xx = x if need_dl else dy

@@ -167,3 +167,22 @@ def test_bad_input(kwargs, exc, match):
     opts = {k: v for k, v in kwargs.items() if k not in args}
     with pytest.raises(exc, match=match):
         ops.scaled_linear(*args.values(), **opts)
+
+
+@pytest.mark.parametrize("act,vec", [(torch.float16, torch.float16), (torch.float32, torch.float32),
+                                     (torch.bfloat16, torch.float32)])
+def test_dl_partials_have_a_row_for_every_token_block_of_every_choosable_config(act, vec):
+    """The backward writes one fp32 row of partial dl per BLOCK_M tokens: the buffer must hold the rows of
+    the smallest BLOCK_M any config on any arch may pick (fp32 launches autotune 32-row tiles too)."""
+    from tunefast.kernels import launch
+    from tunefast.kernels import scaled_linear as ks
+
+    m, k, n = 200, 256, 192
+    x, w, scale = torch.empty(m, k, dtype=act), torch.empty(n, k, dtype=act), torch.empty(k, dtype=vec)
+    for arch in launch.ARCHES.values():
+        with launch.capture(arch) as launches:
+            ks.scaled_linear_bwd(torch.empty(m, n, dtype=act), w, x, scale, True, True)
+        (c,) = launches
+        rows = c.args[5].shape[0]  # the partial dl buffer
+        for cfg in c.choosable + [c.fixed]:
+            assert rows >= -(-m // cfg.kwargs["BLOCK_M"]), (arch, cfg)
