@@ -268,22 +268,29 @@ class Kernel:
             raise TypeError(f"{self.name}: {len(args)} arguments + {sorted(meta)} for {self.arg_names}")
         return {**dict(zip(self.arg_names, args)), **meta}
 
-    def choosable(self, arch: Arch, named: dict) -> list:
+    def _smem_fits(self, arch: Arch, named: dict) -> list:
+        candidates = self.configs(arch, named)
+        fits = [c for c in candidates if self.smem(c, named) <= arch.smem]
+        return fits or [min(candidates, key=lambda c: self.smem(c, named))]
+
+    def choosable(self, arch: Arch, named: dict, fits: list | None = None) -> list:
         """The configs that may run on ``arch`` for this launch: the candidates whose shared memory fits
         and, for a kernel with a ``regs`` estimate, whose tiles fit ``TILE_REGS``. If none fits the
         registers: the fixed config alone (the one the AOT check holds to zero spills), or without a
-        ``fixed`` rule the candidate holding the fewest."""
-        candidates = self.configs(arch, named)
-        fits = [c for c in candidates if self.smem(c, named) <= arch.smem]
-        fits = fits or [min(candidates, key=lambda c: self.smem(c, named))]
+        ``fixed`` rule the candidate holding the fewest. ``fits``: ``_smem_fits`` if already known."""
+        fits = fits if fits is not None else self._smem_fits(arch, named)
         if self.regs is None:
             return fits
         lean = [c for c in fits if self.regs(c, named) <= TILE_REGS]
         if lean:
             return lean
-        return [self.fixed(arch, named, fits)] if self.fixed is not None else [min(fits, key=lambda c: self.regs(c, named))]
+        return [self.fixed_config(arch, named, fits)] if self.fixed is not None else [min(fits, key=lambda c: self.regs(c, named))]
 
-    def fixed_config(self, arch: Arch, named: dict, fits: list) -> triton.Config:
+    def fixed_config(self, arch: Arch, named: dict, fits: list | None = None) -> triton.Config:
+        """What runs with autotuning off: the kernel's ``fixed`` rule over the configs whose shared memory
+        fits (not the register rule: fixed configs are chosen per arch and dtype and checked by the AOT
+        check to spill nothing), else the first of them."""
+        fits = fits if fits is not None else self._smem_fits(arch, named)
         return self.fixed(arch, named, fits) if self.fixed is not None else fits[0]
 
     def launch(self, grid: Callable[[dict], tuple], args: tuple, meta: dict, *, like: torch.Tensor):
@@ -293,8 +300,9 @@ class Kernel:
             return
         arch = device_arch(like)
         named = self.named(args, meta)
-        fits = self.choosable(arch, named)
-        fixed = self.fixed_config(arch, named, fits)
+        smem_fits = self._smem_fits(arch, named)
+        fits = self.choosable(arch, named, smem_fits)
+        fixed = self.fixed_config(arch, named, smem_fits)
         if _capture is not None:
             _capture.append(Captured(self, args, dict(meta), arch, fits, fixed, grid))
             return
