@@ -131,9 +131,9 @@ _TILES = [
 ]
 
 
-# Lean tiles for launches that stage fp32 operands (fp32, or bf16 with fp32 adapters): of _TILES only
-# 64 x 16 x 128 passes the register rule there, so these give autotuning a choice (32 x 64 x 32 on 4 warps
-# is the fixed fp32 config, clean in every AOT case).
+# Lean tiles for launches that stage fp32 operands (fp32, or bf16 with fp32 adapters): with fp32 x and W
+# none of _TILES passes the register rule, so these give autotuning a choice (32 x 64 x 32 on 4 warps is
+# the fixed fp32 config, clean in every AOT case).
 _FP32_TILES = [(32, 64, 32, 3, 4), (64, 32, 32, 3, 4), (64, 64, 32, 3, 8), (32, 32, 64, 3, 4)]
 
 
