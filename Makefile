@@ -58,7 +58,7 @@ clean:
 # the checked-in ledger (a cold compile of the scope is ~20 min on 2 cores); gpu-aot-ledger recompiles
 # the scope and rewrites the ledger (run it after changing kernels/, commit the ledger).
 # gpu-aot-36: the same scope with triton 3.6 (the oldest supported) in its own venv, .venv-triton3.6.
-# gpu-aot: the full matrix (fixed configs and every autotune candidate) with triton 3.8 (~8,700 compiles,
+# gpu-aot: the full matrix (fixed configs and every autotune candidate) with triton 3.8 (~7,900 compiles,
 # about 1 h on 2 cores) and then 3.6, whose autotune-only configs are compiled to LLVM IR only (shared
 # memory measured, registers not: 2-3x faster). Results are kept under TMPDIR between runs.
 AOT_LEDGER  = benchmarks/results/aot/ledger-triton$(1)-fixed.json
