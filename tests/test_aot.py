@@ -28,7 +28,7 @@ out = {
 }
 
 def row(**kw):
-    base = dict(error=None, smem=1000, arch_smem=101376, spill=0, roles=["fixed"])
+    base = dict(kernel="_k", error=None, smem=1000, arch_smem=101376, spill=0, roles=["fixed"])
     base.update(kw)
     return base
 
@@ -48,6 +48,8 @@ out["failed"] = [
     aot.summarize(ok, [dict(kernel="k", arch=90, spill=4, regs=255, smem=0)], [], {})["failed"],
     aot.summarize([dict(row(spill=8, roles=["auto"]), verdict="spill(autotune)")], [], [], {})["failed"],
 ]
+out["per_kernel"] = aot.per_kernel([row(), row(spill=8, roles=["auto"]), row(smem=202752, roles=["auto"]),
+                                    row(error="x")])
 print(json.dumps(out))
 """
 
@@ -89,6 +91,8 @@ def test_coverage_and_verdicts(tmp_path):
     assert out["main_launched"] == ["_orphan_kernel"]
     assert out["verdicts"] == ["ok", "SMEM", "SMEM", "SPILL", "spill(autotune)", "ERROR"]
     assert out["failed"] == [False, True, True, True, False]
+    assert out["per_kernel"] == {"_k": dict(compiles=4, fixed_spills=0, autotune_spills=1, max_autotune_spill=8,
+                                            smem_over=1, max_smem_fraction=2.0, errors=1)}
 
 
 def test_compiles_a_real_kernel_for_hopper(tmp_path):
